@@ -1,0 +1,509 @@
+"""Network: deploy a topology as real namespaces, links and processes; tear it all down.
+
+Order of deployment: ledger -> namespaces -> veths and bridges -> interface config,
+addresses, sysctls -> shaping -> delay-line wires -> routes. Teardown stops every process
+(TERM, wait, KILL, reap) and deletes the run's namespaces, which takes their interfaces
+and netfilter rules with them. Nothing is created in the root namespace except the
+namespaces' names themselves (/run/netns/tb-<run>-*), and the ledger that `testbed cleanup`
+reads if a run is SIGKILLed.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import secrets
+import signal
+import subprocess
+import threading
+import time
+from typing import Optional, Sequence, Union
+
+from testbed import capabilities
+from testbed.errors import CapabilityError, SpecError, TestbedError
+from testbed.kernel import bridge as kbridge
+from testbed.kernel import delayline as kwire
+from testbed.kernel import link as klink
+from testbed.kernel import netns as kns
+from testbed.kernel import qdisc as kqdisc
+from testbed.kernel import route as kroute
+from testbed.process import Process, file_exists
+from testbed.run import batch, run
+from testbed.spec import LinkSpec, Shaping
+from testbed.topology import Plan, Topology
+
+LEDGER_DIR = "/run/testbed"
+LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed")
+PREFIX = "tb-"
+BACKENDS = ("auto", "netem", "delayline")
+
+
+def ledger_path(run_id: str) -> str:
+    return os.path.join(LEDGER_DIR, f"{run_id}.json")
+
+
+class Node:
+    """One namespaced host, router or switch."""
+
+    def __init__(self, net: "Network", name: str, kind: str, ns: str):
+        self.net, self.name, self.kind, self.ns = net, name, kind, ns
+        self.procs: list = []
+        self._count = 0
+
+    def __repr__(self) -> str:
+        return f"<{self.kind} {self.name} ns={self.ns}>"
+
+    @property
+    def addresses(self) -> dict:
+        """ifname -> IPv4Interface, as planned."""
+        return {i: a for (n, i), a in self.net.plan.addressing.addresses.items() if n == self.name}
+
+    @property
+    def ip(self) -> str:
+        """The address of the node's first interface (no prefix length)."""
+        addrs = self.addresses
+        if not addrs:
+            raise TestbedError(f"{self.name} has no address")
+        return str(next(iter(addrs.values())).ip)
+
+    @property
+    def intfs(self) -> list:
+        return self.net.plan.interfaces(self.name)
+
+    def ip_toward(self, other: "Node") -> str:
+        """The address of this node on a segment it shares with other, else its first one."""
+        mine = self.addresses
+        for a in mine.values():
+            for b in other.addresses.values():
+                if a.network == b.network:
+                    return str(a.ip)
+        return self.ip
+
+    def run(self, argv: Sequence[str], timeout: Optional[float] = 60, check: bool = True,
+            input: Optional[str] = None) -> subprocess.CompletedProcess:
+        """Run argv inside the node and wait for it; raise CommandError on failure."""
+        return run(argv, netns=self.ns, timeout=timeout, check=check, input=input)
+
+    def start(self, argv: Sequence[str], name: Optional[str] = None, ready=None,
+              ready_timeout: float = 10.0, env: Optional[dict] = None) -> Process:
+        """Start argv inside the node with its own log file; supervised until teardown.
+
+        ready: a callable probe (see testbed.process), polled until true.
+        """
+        self._count += 1
+        label = name or f"{os.path.basename(str(argv[0]))}{self._count}"
+        log_path = os.path.join(self.net.log_dir, f"{self.name}.{label}.log")
+        if env is not None:
+            env = {**os.environ, **env}
+        proc = Process(argv, self.ns, log_path, f"{self.name}:{label}", env=env)
+        self.procs.append(proc)
+        self.net._record_pid(proc.pid)
+        if ready is not None:
+            proc.wait_ready(ready, ready_timeout)
+        return proc
+
+    def stop_all(self) -> None:
+        for p in reversed(self.procs):
+            p.stop()
+        self.procs.clear()
+
+    # routing and sysctls ----------------------------------------------------------------
+    def ipr(self):
+        return self.net._ipr(self.ns)
+
+    def add_route(self, dst: str, via: str) -> None:
+        """Add or replace a route (the change is recorded so it survives a link flap)."""
+        kroute.replace(self.ipr(), dst, via)
+        self.net._routes.setdefault(self.name, {})[dst] = via
+
+    def del_route(self, dst: str) -> None:
+        kroute.delete(self.ipr(), dst)
+        self.net._routes.get(self.name, {}).pop(dst, None)
+
+    def routes(self) -> list:
+        return kroute.show(self.ipr())
+
+    def sysctl(self, key: str, value) -> str:
+        """Set a sysctl in this node's namespace; returns the old value."""
+        return kns.sysctl(self.ns, key, value)
+
+
+class Link:
+    """One emulated link; `set()` changes it at runtime without rebuilding."""
+
+    def __init__(self, net: "Network", spec: LinkSpec, wire_ns: Optional[str]):
+        self.net, self.spec, self.wire = net, spec, wire_ns
+        self.shaping = {"a_to_b": spec.a_to_b, "b_to_a": spec.b_to_a}
+        self.layout = {"a_to_b": "none", "b_to_a": "none"}
+        self.daemons: dict = {}
+        self.is_up = True
+
+    def __repr__(self) -> str:
+        return f"<link {self.spec.a}-{self.spec.b} backend={self.backend}>"
+
+    @property
+    def backend(self) -> str:
+        """Which emulator does delay/loss on this link: netem, delayline, or none."""
+        if self.wire:
+            return "delayline"
+        if self.net.delay_backend == "netem" and any(s.needs_delay for s in self.shaping.values()):
+            return "netem"
+        return "none"
+
+    def _egress(self, direction: str) -> tuple:
+        """(namespace, device) where this direction is shaped."""
+        if self.wire:
+            return self.wire, kwire.EGRESS[direction]
+        if direction == "a_to_b":
+            return self.net[self.spec.a].ns, self.spec.intf_a
+        return self.net[self.spec.b].ns, self.spec.intf_b
+
+    def apply(self, direction: str) -> None:
+        ns, dev = self._egress(direction)
+        s = self.shaping[direction]
+        lines, layout = kqdisc.lines(dev, s, netem=not self.wire, installed=self.layout[direction])
+        batch("tc", lines, netns=ns)
+        self.layout[direction] = layout
+
+    def set(self, direction: str = "both", up: Optional[bool] = None, **params) -> "Link":
+        """Change rate_mbit, delay_ms, jitter_ms, loss_pct, queue_pkts (per direction or both),
+        or take the link down/up (up=False cuts both ends; up=True restores them and their
+        routes). Validated first: a bad value changes nothing."""
+        dirs = {"both": ("a_to_b", "b_to_a"), "a_to_b": ("a_to_b",), "b_to_a": ("b_to_a",)}
+        if direction not in dirs:
+            raise SpecError(f"direction must be both, a_to_b or b_to_a, got {direction!r}")
+        new = {d: self.shaping[d].replace(**params) for d in dirs[direction]} if params else {}
+        for d, s in new.items():
+            if s.needs_delay and not self.wire and self.net.delay_backend != "netem":
+                raise CapabilityError(
+                    f"link {self.spec.a}-{self.spec.b} was built without a delay line; give it "
+                    f"emulate=True (or a delay/loss) in the topology to change delay at runtime")
+        for d, s in new.items():
+            self.shaping[d] = s
+            self.apply(d)
+            if self.wire:
+                kwire.set_params(self.daemons[d], s)
+        if up is not None and up != self.is_up:
+            self._set_up(up)
+        return self
+
+    def _set_up(self, up: bool) -> None:
+        for node, ifname in ((self.spec.a, self.spec.intf_a), (self.spec.b, self.spec.intf_b)):
+            klink.set_state(self.net._ipr(self.net[node].ns), ifname, up)
+        self.is_up = up
+        if up:  # admin-down flushed the routes through these interfaces: put them back
+            for node in (self.spec.a, self.spec.b):
+                self.net._install_routes(node)
+
+    def stats(self) -> dict:
+        """Counters of the delay-line daemons (received, dropped_loss, released, held)."""
+        return {d: kwire.stats(path) for d, path in self.daemons.items()}
+
+
+class Network:
+    """`with Network(topo) as net:` builds the topology; leaving the block tears it down."""
+
+    def __init__(self, topo: Union[Topology, Plan], backend: str = "auto",
+                 log_dir: Optional[str] = None, run_id: Optional[str] = None, seed=None):
+        if backend not in BACKENDS:
+            raise SpecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.plan = topo.plan() if isinstance(topo, Topology) else topo
+        self.requested_backend = backend
+        self.run_id = run_id or secrets.token_hex(3)
+        self.prefix = f"{PREFIX}{self.run_id}-"
+        self.log_dir = log_dir or os.path.join(LOG_ROOT, self.run_id)
+        self.seed = seed
+        self.nodes: dict = {}
+        self.links: dict = {}
+        self._iprs: dict = {}
+        self._routes: dict = {}
+        self._namespaces: list = []
+        self._wire_procs: list = []
+        self._started = False
+        self._old_handlers: dict = {}
+        self._pids: list = []
+        self._lock = threading.Lock()
+        self.caps = None
+        self.delay_backend = "none"
+        self.build_s = None
+
+    # context manager -----------------------------------------------------------------------
+    def __enter__(self) -> "Network":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def __getitem__(self, name: str) -> Node:
+        try:
+            return self.nodes[name]
+        except KeyError:
+            raise SpecError(f"unknown node {name!r}") from None
+
+    def link(self, a: str, b: str) -> Link:
+        for n in (a, b):
+            self[n]
+        try:
+            return self.links[frozenset((a, b))]
+        except KeyError:
+            raise SpecError(f"no link between {a} and {b}") from None
+
+    def ns_name(self, node: str) -> str:
+        return f"{self.prefix}{node}"
+
+    @property
+    def backends(self) -> dict:
+        """What emulated what, for env.json."""
+        return {"delay": self.delay_backend, "rate": "htb",
+                "links": {f"{ln.spec.a}-{ln.spec.b}": ln.backend for ln in self.links.values()}}
+
+    # preflight ---------------------------------------------------------------------------
+    def _preflight(self) -> None:
+        if os.geteuid() != 0:
+            raise TestbedError("testbed needs root to create network namespaces (run with sudo)")
+        self.caps = capabilities.probe()
+        needs_delay = any(ln.needs_delay for ln in self.plan.links)
+        needs_rate = any(s.rate_mbit for ln in self.plan.links for s in (ln.a_to_b, ln.b_to_a))
+        available = self.caps.delay_backend
+        want = self.requested_backend
+        if want == "auto":
+            self.delay_backend = available
+        elif want == "netem" and not self.caps.qdiscs.get("netem"):
+            raise CapabilityError("backend netem asked for, but this kernel has no netem qdisc")
+        elif want == "delayline" and not (self.caps.nfqueue and self.caps.br_netfilter):
+            raise CapabilityError("backend delayline needs NFQUEUE and br_netfilter; "
+                                  "this kernel lacks them")
+        else:
+            self.delay_backend = want
+        if needs_delay and self.delay_backend == "none":
+            raise CapabilityError("links ask for delay/loss but this kernel has neither netem "
+                                  "nor NFQUEUE with br_netfilter (see `testbed doctor`)")
+        if needs_rate and not self.caps.qdiscs.get("htb"):
+            raise CapabilityError("links ask for a rate but this kernel has no htb qdisc")
+        for tool in ("ip", "tc", "nsenter"):
+            if not self.caps.tools.get(tool):
+                raise CapabilityError(f"{tool} is not installed (run `make setup`)")
+        if self.delay_backend == "delayline" and needs_delay and not self.caps.tools.get("iptables"):
+            raise CapabilityError("iptables is not installed (run `make setup`)")
+
+    # ledger --------------------------------------------------------------------------------
+    def _write_ledger(self) -> None:
+        os.makedirs(LEDGER_DIR, exist_ok=True)
+        data = {"run_id": self.run_id, "pid": os.getpid(), "started": time.time(),
+                "topology": self.plan.name, "namespaces": self._namespaces,
+                "pids": self._pids, "log_dir": self.log_dir}
+        tmp = ledger_path(self.run_id) + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, ledger_path(self.run_id))
+
+    def _record_pid(self, pid: int) -> None:
+        with self._lock:
+            self._pids.append(pid)
+
+    # deploy --------------------------------------------------------------------------------
+    def start(self) -> "Network":
+        if self._started:
+            raise TestbedError("network already started")
+        self._preflight()
+        t0 = time.monotonic()
+        self._started = True
+        self._install_signal_handlers()
+        atexit.register(self.stop)
+        try:
+            self._deploy()
+        except BaseException:
+            self.stop()
+            raise
+        self.build_s = time.monotonic() - t0
+        return self
+
+    def _wired(self, ln: LinkSpec) -> bool:
+        return self.delay_backend == "delayline" and (ln.needs_delay or ln.emulate)
+
+    def _deploy(self) -> None:
+        plan = self.plan
+        os.makedirs(self.log_dir, exist_ok=True)
+        wires = {}
+        for i, ln in enumerate(plan.links):
+            if self._wired(ln):
+                wires[ln] = f"{self.prefix}wire{i}"
+        self._namespaces = [self.ns_name(n) for n in plan.nodes] + list(wires.values())
+        clash = [n for n in self._namespaces if kns.exists(n)]
+        if clash:
+            raise TestbedError(f"namespace {clash[0]} already exists (run id in use?)")
+        self._write_ledger()
+
+        kns.create(self._namespaces)
+        for name, spec in plan.nodes.items():
+            self.nodes[name] = Node(self, name, spec.kind, self.ns_name(name))
+
+        # links and bridges, in one ip process
+        lines = []
+        for name, spec in plan.nodes.items():
+            if spec.kind == "switch":
+                lines.append(kbridge.create_line(name, self.ns_name(name)))
+        for ln in plan.links:
+            na, nb = self.ns_name(ln.a), self.ns_name(ln.b)
+            if ln in wires:
+                w = wires[ln]
+                lines.append(klink.veth_line(ln.intf_a, na, kwire.PORT_A, w))
+                lines.append(klink.veth_line(ln.intf_b, nb, kwire.PORT_B, w))
+            else:
+                lines.append(klink.veth_line(ln.intf_a, na, ln.intf_b, nb))
+        batch("ip", lines)
+
+        # per-node configuration over netlink sockets bound in each namespace
+        addrs = plan.addressing.addresses
+        for name, spec in plan.nodes.items():
+            node = self.nodes[name]
+            ipr = self._ipr(node.ns)
+            node.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
+            node.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+            if spec.kind == "router":
+                node.sysctl("net.ipv4.ip_forward", 1)
+            for key, value in spec.sysctls:
+                node.sysctl(key, value)
+            klink.set_state(ipr, "lo", True)
+            for ifname in plan.interfaces(name):
+                if spec.kind == "switch":
+                    kbridge.enslave(ipr, name, ifname)
+                elif (name, ifname) in addrs:
+                    klink.add_address(ipr, ifname, addrs[(name, ifname)])
+                klink.set_state(ipr, ifname, True)
+            if spec.kind == "switch":
+                klink.set_state(ipr, name, True)
+
+        # links: shaping on the nodes' egress, or a wire with its delay lines
+        for ln in plan.links:
+            link = Link(self, ln, wires.get(ln))
+            self.links[ln.key] = link
+            if link.wire:
+                self._build_wire(link)
+            for d in ("a_to_b", "b_to_a"):
+                link.apply(d)
+
+        for r in plan.addressing.routes:
+            self._routes.setdefault(r.node, {})[r.dst] = r.via
+        for name in self._routes:
+            self._install_routes(name)
+
+    def _build_wire(self, link: Link) -> None:
+        w = link.wire
+        kwire.configure(w)
+        procs = []
+        for d in ("a_to_b", "b_to_a"):
+            ctl = kwire.control_path(self.log_dir, w, d)
+            ready = ctl + ".ready"
+            seed = None if self.seed is None else hash((self.seed, w, d)) & 0xFFFFFFFF
+            log_path = os.path.join(self.log_dir, f"{w}.{d}.log")
+            p = Process(kwire.daemon_argv(d, link.shaping[d], ctl, ready, seed), w, log_path,
+                        f"delayline {link.spec.a}-{link.spec.b} {d}")
+            self._record_pid(p.pid)
+            self._wire_procs.append(p)
+            procs.append((d, p, ctl, ready))
+        for d, p, ctl, ready in procs:
+            p.wait_ready(file_exists(ready), timeout=15)
+            link.daemons[d] = ctl
+            kwire.steer(w, d)
+
+    def _ipr(self, ns: str):
+        ipr = self._iprs.get(ns)
+        if ipr is None:
+            ipr = self._iprs[ns] = kns.ipr(ns)
+        return ipr
+
+    def _install_routes(self, name: str) -> None:
+        ipr = self._ipr(self.nodes[name].ns)
+        for dst, via in self._routes.get(name, {}).items():
+            kroute.replace(ipr, dst, via)
+
+    # teardown ------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Stop every process, delete every namespace this run made. Safe to call twice."""
+        if not self._started:
+            return
+        self._started = False
+        errors = []
+        for node in self.nodes.values():
+            try:
+                node.stop_all()
+            except Exception as e:  # keep tearing down; report at the end
+                errors.append(str(e))
+        for p in reversed(self._wire_procs):
+            try:
+                p.stop(grace=2)
+            except Exception as e:
+                errors.append(str(e))
+        self._wire_procs.clear()
+        for ipr in self._iprs.values():
+            try:
+                ipr.close()
+            except Exception:
+                pass
+        self._iprs.clear()
+        try:
+            _kill_in(self._namespaces)
+            kns.delete(self._namespaces)
+        except Exception as e:
+            errors.append(str(e))
+        try:
+            os.unlink(ledger_path(self.run_id))
+        except FileNotFoundError:
+            pass
+        self._restore_signal_handlers()
+        try:
+            atexit.unregister(self.stop)
+        except Exception:
+            pass
+        if errors:
+            raise TestbedError("teardown: " + "; ".join(errors))
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+
+        def on_term(signum, frame):
+            raise SystemExit(128 + signum)
+
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            self._old_handlers[sig] = signal.signal(sig, on_term)
+
+    def _restore_signal_handlers(self) -> None:
+        for sig, h in self._old_handlers.items():
+            try:
+                signal.signal(sig, h)
+            except (ValueError, TypeError):
+                pass
+        self._old_handlers.clear()
+
+    # conveniences -------------------------------------------------------------------------
+    def hosts(self) -> list:
+        return [n for n in self.nodes.values() if n.kind == "host"]
+
+    def describe(self) -> str:
+        out = []
+        for n in self.nodes.values():
+            addrs = ", ".join(f"{i} {a}" for i, a in n.addresses.items())
+            out.append(f"{n.kind:6} {n.name:10} {addrs}")
+        return "\n".join(out)
+
+
+def _kill_in(namespaces: list) -> None:
+    """KILL whatever still runs inside these namespaces (children that escaped their group)."""
+    deadline = time.monotonic() + 5
+    while True:
+        pids = kns.pids_in(namespaces)
+        if not pids or time.monotonic() > deadline:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        time.sleep(0.02)
+
+
+__all__ = ["Network", "Node", "Link"]
