@@ -34,7 +34,7 @@ from testbed.spec import LinkSpec, Shaping
 from testbed.topology import Plan, Topology
 
 LEDGER_DIR = "/run/testbed"
-LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed")
+LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed-runs")
 PREFIX = "tb-"
 BACKENDS = ("auto", "netem", "delayline")
 
@@ -291,7 +291,10 @@ class Network:
     # ledger --------------------------------------------------------------------------------
     def _write_ledger(self) -> None:
         os.makedirs(LEDGER_DIR, exist_ok=True)
-        data = {"run_id": self.run_id, "pid": os.getpid(), "started": time.time(),
+        from testbed.cleanup import proc_start_time
+
+        data = {"run_id": self.run_id, "pid": os.getpid(),
+                "pid_start": proc_start_time(os.getpid()), "started": time.time(),
                 "topology": self.plan.name, "namespaces": self._namespaces,
                 "pids": self._pids, "log_dir": self.log_dir}
         tmp = ledger_path(self.run_id) + ".tmp"

@@ -1,0 +1,116 @@
+"""Experiments: parameters, quick/full modes, progress, claims; run by `testbed reproduce`.
+
+An experiment is a file experiments/NAME.py with
+    PAPER = "004"            # or "emulator"
+    TITLE = "Table 1: ..."
+    def run(ctx: Context) -> None: ...
+It measures on real networks, appends tidy rows with ctx.add(...), records each claim
+with ctx.claim(...), draws figures with ctx.figure(name), and the runner writes
+results/NAME/{data.csv, summary.json, env.json, *.png}.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from testbed.errors import TestbedError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
+
+
+@dataclass
+class Claim:
+    id: str
+    text: str  # the paper's (or the issue's) words
+    paper: Optional[float]  # the paper's number, or None where the paper gives none
+    measured: Optional[float]
+    unit: str
+    holds: bool
+    why: str
+
+
+@dataclass
+class Context:
+    name: str
+    mode: str  # "quick" or "full"
+    out_dir: str
+    rows: list = field(default_factory=list)
+    claims: list = field(default_factory=list)
+    backends: dict = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    figures: list = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def quick(self) -> bool:
+        return self.mode == "quick"
+
+    def progress(self, msg: str) -> None:
+        """One line on stderr with the elapsed time, so long runs show where they are."""
+        print(f"[{self.name} {time.monotonic() - self.started:6.1f}s] {msg}",
+              file=sys.stderr, flush=True)
+
+    def add(self, **row) -> None:
+        self.rows.append(row)
+
+    def claim(self, id: str, text: str, paper, measured, unit: str, holds: bool,
+              why: str) -> None:
+        self.claims.append(Claim(id, text, paper, None if measured is None else
+                                 float(measured), unit, bool(holds), why))
+
+    def note_network(self, net) -> None:
+        """Record which backends a network used (goes to env.json)."""
+        self.backends.setdefault("delay", set()).add(net.delay_backend)
+        for k, v in net.backends["links"].items():
+            self.backends.setdefault("link_backends", set()).add(v)
+
+    def figure(self, name: str) -> str:
+        path = os.path.join(self.out_dir, name if name.endswith(".png") else name + ".png")
+        self.figures.append(os.path.basename(path))
+        return path
+
+
+def available() -> list:
+    """Names of the registered experiments (files in experiments/, not starting with _)."""
+    if not os.path.isdir(EXPERIMENTS_DIR):
+        return []
+    return sorted(f[:-3] for f in os.listdir(EXPERIMENTS_DIR)
+                  if f.endswith(".py") and not f.startswith("_"))
+
+
+def load(name: str):
+    if name not in available():
+        raise TestbedError(f"unknown experiment {name!r} (known: {', '.join(available())})")
+    path = os.path.join(EXPERIMENTS_DIR, name + ".py")
+    spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for attr in ("PAPER", "TITLE", "run"):
+        if not hasattr(mod, attr):
+            raise TestbedError(f"experiments/{name}.py has no {attr}")
+    return mod
+
+
+def execute(name: str, mode: str = "quick", out_root: Optional[str] = None) -> Context:
+    """Run one experiment and write its results directory."""
+    from testbed import results
+
+    if mode not in ("quick", "full"):
+        raise TestbedError(f"mode must be quick or full, got {mode!r}")
+    mod = load(name)
+    out_dir = os.path.join(out_root or os.path.join(ROOT, "results"), name)
+    os.makedirs(out_dir, exist_ok=True)
+    ctx = Context(name, mode, out_dir)
+    ctx.progress(f"start ({mode}): {mod.TITLE}")
+    mod.run(ctx)
+    runtime = time.monotonic() - ctx.started
+    results.write(ctx, mod, runtime)
+    held = sum(c.holds for c in ctx.claims)
+    ctx.progress(f"done in {runtime:.1f} s: {held}/{len(ctx.claims)} claims hold -> {out_dir}")
+    return ctx

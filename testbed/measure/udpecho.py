@@ -1,0 +1,103 @@
+"""The processes behind measure.udp_probe (kept free of pandas so they start fast).
+
+Server: `python -m testbed.measure.udpecho server --port P --name NAME` echoes each request
+with its own name, so a client sees which server answered (for failover experiments).
+Client: `... client --dst IP --port P --interval-ms 10 --seconds S --out FILE.csv` prints
+"probing" when it starts and writes one row per request: seq, t_send, t_recv (NaN if no
+reply), rtt_ms, responder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import select
+import socket
+import struct
+import sys
+import time
+
+HDR = struct.Struct("!Id")  # seq, client send time
+
+
+def serve(port: int, name: str) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("0.0.0.0", port))
+    tag = name.encode()[:64]
+    print(f"udpprobe server {name} listening on {port}", flush=True)
+    while True:
+        data, addr = s.recvfrom(2048)
+        if len(data) >= HDR.size:
+            s.sendto(data[:HDR.size] + tag, addr)
+
+
+def probe(dst: str, port: int, interval_ms: float, seconds: float, out: str) -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setblocking(False)
+    n = int(seconds * 1000 / interval_ms)
+    sent: dict = {}
+    recv: dict = {}
+    print("probing", flush=True)
+    start = time.monotonic()
+    seq = 0
+    end = start + seconds + 1.0  # a last second to collect late replies
+    while True:
+        now = time.monotonic()
+        if now >= end:
+            break
+        next_send = start + seq * interval_ms / 1000.0
+        if seq < n and now >= next_send:
+            sent[seq] = time.time()
+            try:
+                s.sendto(HDR.pack(seq, sent[seq]), (dst, port))
+            except OSError:
+                pass  # no route while the network changes: counts as lost
+            seq += 1
+            continue
+        timeout = max(0.0, (next_send if seq < n else end) - now)
+        r, _, _ = select.select([s], [], [], timeout)
+        while r:
+            try:
+                data, _ = s.recvfrom(2048)
+            except BlockingIOError:
+                break
+            if len(data) >= HDR.size:
+                q, _t = HDR.unpack_from(data)
+                recv.setdefault(q, (time.time(), data[HDR.size:].decode(errors="replace")))
+    with open(out + ".tmp", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["seq", "t_send", "t_recv", "rtt_ms", "responder"])
+        for q in range(seq):
+            t_recv, who = recv.get(q, (math.nan, ""))
+            w.writerow([q, f"{sent[q]:.6f}", f"{t_recv:.6f}",
+                        f"{(t_recv - sent[q]) * 1000:.3f}", who])
+    os.replace(out + ".tmp", out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.measure.udpecho")
+    sub = ap.add_subparsers(dest="mode", required=True)
+    a = sub.add_parser("server")
+    a.add_argument("--port", type=int, required=True)
+    a.add_argument("--name", default=socket.gethostname())
+    b = sub.add_parser("client")
+    b.add_argument("--dst", required=True)
+    b.add_argument("--port", type=int, required=True)
+    b.add_argument("--interval-ms", type=float, default=10)
+    b.add_argument("--seconds", type=float, required=True)
+    b.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+    try:
+        if args.mode == "server":
+            serve(args.port, args.name)
+        else:
+            probe(args.dst, args.port, args.interval_ms, args.seconds, args.out)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
