@@ -88,6 +88,8 @@ def load(name: str):
     if name not in available():
         raise TestbedError(f"unknown experiment {name!r} (known: {', '.join(available())})")
     path = os.path.join(EXPERIMENTS_DIR, name + ".py")
+    if ROOT not in sys.path:  # experiments import topologies/ from the checkout
+        sys.path.insert(0, ROOT)
     spec = importlib.util.spec_from_file_location(f"experiments.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)

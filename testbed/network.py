@@ -425,10 +425,20 @@ class Network:
 
     # teardown ------------------------------------------------------------------------------
     def stop(self) -> None:
-        """Stop every process, delete every namespace this run made. Safe to call twice."""
+        """Stop every process, delete every namespace this run made. Safe to call twice.
+
+        INT, TERM and HUP are held off while it runs (and delivered after), so a second
+        Ctrl-C cannot leave half a network behind."""
         if not self._started:
             return
-        self._started = False
+        blocked = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+        try:
+            self._teardown()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+    def _teardown(self) -> None:
         errors = []
         for node in self.nodes.values():
             try:
@@ -452,10 +462,12 @@ class Network:
             kns.delete(self._namespaces)
         except Exception as e:
             errors.append(str(e))
-        try:
-            os.unlink(ledger_path(self.run_id))
-        except FileNotFoundError:
-            pass
+        if not errors:  # keep the ledger if anything is left, for `testbed cleanup`
+            try:
+                os.unlink(ledger_path(self.run_id))
+            except FileNotFoundError:
+                pass
+        self._started = False
         self._restore_signal_handlers()
         try:
             atexit.unregister(self.stop)

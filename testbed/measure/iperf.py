@@ -17,7 +17,8 @@ def iperf3(client, server, seconds: float = 5, udp: bool = False,
            extra: tuple = ()) -> pd.DataFrame:
     """Run iperf3 from client to server (Node objects). One row per reporting interval:
     t_start, t_end, bits_per_second, bytes, retransmits (TCP). df.attrs holds the totals:
-    sender_bps, receiver_bps (the goodput), retransmits, lost_percent (UDP)."""
+    sender_bps, receiver_bps (the goodput), retransmits; for UDP lost_percent, packets and
+    lost_packets as the server counted them."""
     srv = server.start(["iperf3", "-s", "-1", "-p", str(port)], name=f"iperf3-s{port}",
                        ready=listening(server.ns, port))
     argv = ["iperf3", "-c", server.ip_toward(client), "-p", str(port), "-J",
@@ -58,7 +59,8 @@ def iperf3(client, server, seconds: float = 5, udp: bool = False,
         s = end["sum"]
         df.attrs.update(sender_bps=s["bits_per_second"],
                         receiver_bps=s["bits_per_second"] * (1 - s.get("lost_percent", 0) / 100),
-                        lost_percent=s.get("lost_percent"), retransmits=None)
+                        lost_percent=s.get("lost_percent"), retransmits=None,
+                        packets=s.get("packets"), lost_packets=s.get("lost_packets"))
     else:
         df.attrs.update(sender_bps=end["sum_sent"]["bits_per_second"],
                         receiver_bps=end["sum_received"]["bits_per_second"],
