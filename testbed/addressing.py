@@ -126,6 +126,10 @@ def assign(nodes: dict, links: list, user_routes: list, auto_routes: bool) -> Ad
                 addresses[e] = ipaddress.ip_interface(f"{ip}/{subnet.prefixlen}")
         segments.append(Segment(subnet, tuple(eps)))
 
+    for r in user_routes:  # a next hop must be on one of the node's own subnets
+        nets = [a.network for (n, _), a in addresses.items() if n == r.node]
+        if not any(ipaddress.ip_address(r.via) in net for net in nets):
+            raise SpecError(f"route on {r.node}: next hop {r.via} is not on any of its subnets")
     routes = _static_routes(nodes, segments, addresses) if auto_routes else []
     return Addressing(addresses, tuple(segments), tuple(routes) + tuple(user_routes))
 

@@ -50,8 +50,8 @@ def unledgered() -> list:
 def remove_run(run_id: str, namespaces=None) -> list:
     """Kill the processes in and delete the namespaces of one run. Returns what it removed."""
     mine = f"{PREFIX}{run_id}-"
-    names = [n for n in (namespaces if namespaces is not None else kns.show(mine))
-             if n.startswith(mine) and kns.exists(n)]
+    names = sorted({n for n in (namespaces if namespaces is not None else kns.show(mine))
+                    if n.startswith(mine) and kns.exists(n)})
     _kill_in(names)
     kns.delete(names)
     try:

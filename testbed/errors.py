@@ -4,6 +4,8 @@
 class TestbedError(Exception):
     """Base class of every error this package raises on purpose."""
 
+    __test__ = False  # not a pytest test class, despite the name
+
 
 class SpecError(TestbedError, ValueError):
     """Bad input in a topology or link specification; raised before anything is created."""
