@@ -1,0 +1,159 @@
+"""Each link parameter measured end to end against its configuration, with tolerances, on
+whatever backend this kernel offers; and runtime changes measured the same way."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from testbed import Network, Topology, capabilities, measure
+from topologies import pair
+
+
+def backends() -> list:
+    caps = capabilities.probe()
+    out = []
+    if caps.qdiscs.get("netem"):
+        out.append("netem")
+    if caps.nfqueue and caps.br_netfilter:
+        out.append("delayline")
+    return out
+
+
+BACKENDS = backends() if __import__("os").geteuid() == 0 else ["delayline"]
+
+
+def wilson(k: int, n: int, z: float = 1.96) -> tuple:
+    p = k / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return 100 * (mid - half), 100 * (mid + half)
+
+
+def median_rtt(net, count=20) -> float:
+    measure.ping(net["h1"], net["h2"], count=2, interval=0.05)  # ARP first
+    df = measure.ping(net["h1"], net["h2"], count=count, interval=0.05)
+    assert df["rtt_ms"].notna().sum() >= count * 0.9, df
+    return float(df["rtt_ms"].median())
+
+
+@pytest.mark.parametrize("rate", [10, 100])
+def test_rate_gives_goodput_near_configured(rate):
+    with Network(pair.build(rate_mbit=rate)) as net:
+        df = measure.iperf3(net["h1"], net["h2"], seconds=3, omit=1)
+    ratio = df.attrs["receiver_bps"] / 1e6 / rate
+    assert 0.90 <= ratio <= 1.02, f"goodput {100 * ratio:.1f} % of {rate} Mbit/s"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("delay", [5, 25])
+def test_delay_gives_rtt_near_twice_delay(backend, delay):
+    with Network(pair.build(delay_ms=delay), backend=backend) as net:
+        rtt = median_rtt(net)
+    assert abs(rtt - 2 * delay) <= max(0.5, 0.02 * 2 * delay) + 0.5, rtt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_asymmetric_delay_adds_up(backend):
+    t = Topology("asym")
+    t.add_host("h1"); t.add_host("h2")
+    t.add_link("h1", "h2", a_to_b={"delay": 5}, b_to_a={"delay": 15})
+    with Network(t, backend=backend) as net:
+        rtt = median_rtt(net)
+    assert 19.5 <= rtt <= 21.5, rtt
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_jitter_spreads_rtt_within_bounds(backend):
+    with Network(pair.build(delay_ms=10, jitter_ms=4), backend=backend) as net:
+        measure.ping(net["h1"], net["h2"], count=2, interval=0.05)
+        df = measure.ping(net["h1"], net["h2"], count=60, interval=0.05)
+    rtt = df["rtt_ms"].dropna()
+    assert rtt.std() > 1.0, f"no spread: sd {rtt.std():.2f} ms"
+    assert rtt.min() >= 2 * (10 - 4) - 0.5 and rtt.max() <= 2 * (10 + 4) + 2, rtt.describe()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_loss_inside_binomial_interval(backend):
+    with Network(pair.build(delay_ms=1, loss_pct=20, lossy_direction="a_to_b"),
+                 backend=backend, seed=3) as net:
+        df = measure.iperf3(net["h1"], net["h2"], seconds=2, udp=True, rate_mbit=4,
+                            extra=("-l", "500"))
+    n, k = df.attrs["packets"], df.attrs["lost_packets"]
+    lo, hi = wilson(k, n)
+    assert n > 1000
+    assert lo <= 20 <= hi, f"{k}/{n} lost = {100 * k / n:.2f} %, CI {lo:.2f}-{hi:.2f}"
+
+
+def test_queue_limit_bounds_queueing_delay():
+    """1 Mbit/s flooded at 5 Mbit/s: a 10-packet queue keeps the RTT near 10 x 12 ms."""
+    t = Topology("q")
+    t.add_host("h1"); t.add_host("h2")
+    t.add_link("h1", "h2", a_to_b={"rate": 1, "queue_pkts": 10}, b_to_a={})
+    with Network(t) as net:
+        srv = net["h2"].start(["iperf3", "-s", "-1"], ready=_listening(net["h2"], 5201))
+        flood = net["h1"].start(["iperf3", "-c", net["h2"].ip, "-u", "-b", "5M", "-t", "4"])
+        df = measure.ping(net["h1"], net["h2"], count=15, interval=0.1)
+        flood.wait(15)
+        srv.stop()
+    rtt = df["rtt_ms"].dropna()
+    assert len(rtt) >= 3, "no ping got through at all"
+    # 10 full-size packets at 1 Mbit/s drain in ~121 ms; Linux's default 1000 would be ~12 s
+    assert rtt.max() < 250, rtt.describe()
+    assert (rtt > 50).sum() >= 3, "the queue never filled: was the link flooded?"
+
+
+def _listening(node, port):
+    from testbed.process import listening
+
+    return listening(node.ns, port)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_runtime_changes_take_effect(backend):
+    with Network(pair.build(rate_mbit=20, delay_ms=5), backend=backend) as net:
+        link = net.link("h1", "h2")
+        assert abs(median_rtt(net) - 10) < 1.5
+        link.set(delay_ms=20)
+        assert abs(median_rtt(net) - 40) < 1.5
+        link.set(rate_mbit=5)
+        df = measure.iperf3(net["h1"], net["h2"], seconds=3, omit=1)
+        assert 0.85 <= df.attrs["receiver_bps"] / 5e6 <= 1.02
+        link.set(direction="a_to_b", loss_pct=100)
+        lost = measure.ping(net["h1"], net["h2"], count=5, interval=0.05, wait_s=0.5)
+        assert lost.attrs["received"] == 0
+        link.set(loss_pct=0)
+        link.set(up=False)
+        down = measure.ping(net["h1"], net["h2"], count=3, interval=0.05, wait_s=0.3)
+        assert down.attrs["received"] == 0
+        link.set(up=True)
+        assert abs(median_rtt(net) - 40) < 1.5
+
+
+def test_runtime_change_validated_before_applied():
+    with Network(pair.build(rate_mbit=20, delay_ms=5)) as net:
+        link = net.link("h1", "h2")
+        with pytest.raises(ValueError, match="loss"):
+            link.set(loss_pct=150)
+        with pytest.raises(ValueError, match="direction"):
+            link.set(direction="sideways", delay_ms=1)
+        assert link.shaping["a_to_b"].delay_ms == 5
+        assert abs(median_rtt(net) - 10) < 1.5
+
+
+def test_delay_on_unprepared_link_is_a_clear_error():
+    caps = capabilities.probe()
+    if caps.qdiscs.get("netem"):
+        pytest.skip("netem can add delay to any link at runtime")
+    with Network(pair.build(rate_mbit=20)) as net:
+        with pytest.raises(Exception, match="emulate=True"):
+            net.link("h1", "h2").set(delay_ms=10)
+
+
+def test_backend_recorded():
+    with Network(pair.build(delay_ms=2)) as net:
+        b = net.backends
+    assert b["delay"] in ("netem", "delayline")
+    assert b["links"]["h1-h2"] == b["delay"]
