@@ -15,6 +15,7 @@ reproduce-full: setup
 	$(TESTBED) reproduce --all --full
 
 test: setup
+	$(VENV)/bin/ruff check testbed tests experiments topologies
 	$(PYTEST) -q -ra tests
 
 test-unit: setup

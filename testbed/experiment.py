@@ -67,7 +67,7 @@ class Context:
     def note_network(self, net) -> None:
         """Record which backends a network used (goes to env.json)."""
         self.backends.setdefault("delay", set()).add(net.delay_backend)
-        for k, v in net.backends["links"].items():
+        for v in net.backends["links"].values():
             self.backends.setdefault("link_backends", set()).add(v)
 
     def figure(self, name: str) -> str:

@@ -30,7 +30,7 @@ from testbed.kernel import qdisc as kqdisc
 from testbed.kernel import route as kroute
 from testbed.process import Process, file_exists
 from testbed.run import batch, run
-from testbed.spec import LinkSpec, Shaping
+from testbed.spec import LinkSpec
 from testbed.topology import Plan, Topology
 
 LEDGER_DIR = "/run/testbed"
@@ -174,7 +174,7 @@ class Link:
         if direction not in dirs:
             raise SpecError(f"direction must be both, a_to_b or b_to_a, got {direction!r}")
         new = {d: self.shaping[d].replace(**params) for d in dirs[direction]} if params else {}
-        for d, s in new.items():
+        for s in new.values():
             if s.needs_delay and not self.wire and self.net.delay_backend != "netem":
                 raise CapabilityError(
                     f"link {self.spec.a}-{self.spec.b} was built without a delay line; give it "
@@ -285,7 +285,8 @@ class Network:
         for tool in ("ip", "tc", "nsenter"):
             if not self.caps.tools.get(tool):
                 raise CapabilityError(f"{tool} is not installed (run `make setup`)")
-        if self.delay_backend == "delayline" and needs_delay and not self.caps.tools.get("iptables"):
+        if (self.delay_backend == "delayline" and needs_delay
+                and not self.caps.tools.get("iptables")):
             raise CapabilityError("iptables is not installed (run `make setup`)")
 
     # ledger --------------------------------------------------------------------------------
