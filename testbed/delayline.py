@@ -22,8 +22,17 @@ CLI:  python -m testbed.delayline --queue N --delay-ms D [--jitter-ms J] [--loss
 Control (JSON datagrams on the UNIX socket PATH, replies to the sender's bound address):
     {"set": {"delay_ms": .., "jitter_ms": .., "loss_pct": ..}} -> {"ok": true, "params": {..}}
     {"stats": true} -> {"ok": true, "received", "dropped_loss", "released", "held", "params",
-                        "kernel_queue_dropped", "kernel_user_dropped"}
+                        "gso", "batches", "late_us_mean", "late_us_max", "stamped",
+                        "read_lag_us_mean", "lead_us",
+                        "kernel_held", "kernel_queue_dropped", "kernel_user_dropped"}
     errors -> {"ok": false, "error": "one line"}
+`control(path, message)` below is the client. Exit codes: 0 on SIGTERM/SIGINT (held packets
+are dropped by the kernel on unbind), 1 if the queue or control socket cannot be set up,
+2 for bad arguments (nothing bound).
+
+Arrival times come from the kernel's receive stamp (we enable stamping with one
+SO_TIMESTAMPNS socket), so our own wake-up latency does not add to the delay; releases are
+paced by `Pacer` to offset the VM's timer wake-up latency.
 """
 
 from __future__ import annotations
@@ -43,12 +52,14 @@ import sys
 import time
 import uuid
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Deque, Dict, Mapping, Optional, Tuple
+from typing import Any
 
 PARAM_KEYS = ("delay_ms", "jitter_ms", "loss_pct")
 DEFAULT_MAX_HELD = 100_000  # 1 Gbit/s x 1 s of 1500-byte packets is ~83k
 MAX_DATAGRAM = 65536
+_MAX_STAMP_LAG_NS = 100_000_000  # kernel stamps older than this are taken as clock steps
 
 
 # --------------------------------------------------------------------------- pure logic
@@ -66,7 +77,7 @@ class LineParams:
         for key in PARAM_KEYS:
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{key} must be a number, got {value!r}")
+                raise ValueError(f"{key} must be a number, got {value!r}")  # noqa: TRY004
             if not math.isfinite(value):
                 raise ValueError(f"{key} must be finite, got {value!r}")
             if value < 0:
@@ -79,10 +90,10 @@ class LineParams:
                 f"jitter_ms ({self.jitter_ms:g}) must be <= delay_ms ({self.delay_ms:g})"
             )
 
-    def updated(self, changes: Mapping[str, Any]) -> "LineParams":
+    def updated(self, changes: Mapping[str, Any]) -> LineParams:
         """A copy with `changes` applied (a subset of PARAM_KEYS); validates the result."""
         if not isinstance(changes, Mapping):
-            raise ValueError(f"'set' needs an object, got {type(changes).__name__}")
+            raise ValueError(f"'set' needs an object, got {type(changes).__name__}")  # noqa: TRY004
         unknown = sorted(set(changes) - set(PARAM_KEYS))
         if unknown:
             raise ValueError(f"unknown parameter(s) {', '.join(map(str, unknown))}")
@@ -90,7 +101,7 @@ class LineParams:
         merged.update(changes)
         return LineParams(**merged)
 
-    def to_dict(self) -> Dict[str, float]:
+    def to_dict(self) -> dict[str, float]:
         return {key: getattr(self, key) for key in PARAM_KEYS}
 
 
@@ -101,7 +112,7 @@ class Scheduler:
     a packet arriving at `now_ns`, or None if the packet is lost.
     """
 
-    def __init__(self, params: LineParams, seed: Optional[int] = None) -> None:
+    def __init__(self, params: LineParams, seed: int | None = None) -> None:
         self.rng = random.Random(seed)
         self.last_release_ns = 0
         self.set_params(params)
@@ -113,16 +124,59 @@ class Scheduler:
         self._jitter_ns = params.jitter_ms * 1e6
         self._loss = params.loss_pct / 100.0
 
-    def arrive(self, now_ns: int) -> Optional[int]:
+    def arrive(self, now_ns: int) -> int | None:
         if self._loss and self.rng.random() < self._loss:
             return None
         release = now_ns + self._delay_ns
         if self._jitter_ns:
             release += round(self.rng.uniform(-self._jitter_ns, self._jitter_ns))
-        if release < self.last_release_ns:
-            release = self.last_release_ns
+        release = max(release, self.last_release_ns)
         self.last_release_ns = release
         return release
+
+
+class Pacer:
+    """Decides how long to sleep before a release deadline, so that releases are on time.
+
+    A timer wake-up here comes 50-150 us late (VM vCPU wake-up), so we sleep `lead_ns` less
+    than asked, `lead_ns` being a running average of how late past wake-ups were. When the
+    deadline is closer than `lead_ns` we busy-wait for it, but only within a CPU budget
+    (`spin_share` of wall time); past that budget the packet goes up to `lead_ns` early.
+    """
+
+    def __init__(
+        self,
+        lead_ns: int = 80_000,
+        max_lead_ns: int = 500_000,
+        spin_share: float = 0.05,
+        max_tokens_ns: int = 5_000_000,
+    ) -> None:
+        self.lead_ns = lead_ns
+        self.max_lead_ns = max_lead_ns
+        self.spin_share = spin_share
+        self.max_tokens_ns = max_tokens_ns
+        self.tokens_ns = max_tokens_ns
+        self._last_ns: int | None = None
+
+    def sleep_ns(self, now_ns: int, deadline_ns: int) -> int:
+        """> 0: sleep this long; 0: spin until the deadline; -1: release now (early)."""
+        if self._last_ns is not None:
+            self.tokens_ns = min(
+                self.max_tokens_ns, self.tokens_ns + (now_ns - self._last_ns) * self.spin_share
+            )
+        self._last_ns = now_ns
+        wait = deadline_ns - now_ns
+        if wait > self.lead_ns:
+            return wait - self.lead_ns
+        if self.tokens_ns >= wait:
+            self.tokens_ns -= wait
+            return 0
+        return -1
+
+    def woke(self, late_ns: int) -> None:
+        """Record how late a pure timer wake-up was (negative: early)."""
+        late_ns = min(max(late_ns, 0), self.max_lead_ns)
+        self.lead_ns += (late_ns - self.lead_ns) // 8
 
 
 # --------------------------------------------------------------------------- netlink helpers
@@ -136,6 +190,7 @@ _NFQA_CFG_FLAGS = 5
 NFQA_CFG_F_GSO = 1 << 2
 _NLM_F_REQUEST = 1
 _NF_ACCEPT = 1
+_SO_TIMESTAMPNS = getattr(socket, "SO_TIMESTAMPNS", 35)
 
 
 def _nla(attr_type: int, payload: bytes) -> bytes:
@@ -166,7 +221,9 @@ def queue_flags_message(queue: int, mask: int, flags: int) -> bytes:
     return _nfq_message(_NFQNL_MSG_CONFIG, queue, attrs)
 
 
-def kernel_queue_counters(queue: int, path: str = "/proc/net/netfilter/nfnetlink_queue") -> Dict[str, int]:
+def kernel_queue_counters(
+    queue: int, path: str = "/proc/net/netfilter/nfnetlink_queue"
+) -> dict[str, int]:
     """Kernel-side drops for `queue` in this namespace: queue full / netlink socket full."""
     try:
         with open(path) as f:
@@ -186,7 +243,7 @@ def kernel_queue_counters(queue: int, path: str = "/proc/net/netfilter/nfnetlink
 # --------------------------------------------------------------------------- control client
 
 
-def control(path: str, message: Dict[str, Any], timeout: float = 2.0) -> Dict[str, Any]:
+def control(path: str, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
     """Send one control message to the daemon at `path` and return its reply.
 
     Binds a temporary datagram socket next to `path` (so the daemon can answer) and removes
@@ -223,7 +280,8 @@ def _log(msg: str) -> None:
 def _set_timer_slack(ns: int) -> None:
     """Wake up on time: the default 50 us slack would add to every release."""
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(29, ctypes.c_ulong(ns), 0, 0, 0)  # PR_SET_TIMERSLACK
+        pr_set_timerslack = 29
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_timerslack, ctypes.c_ulong(ns), 0, 0, 0)
     except (OSError, AttributeError):
         pass
 
@@ -236,15 +294,25 @@ class DelayLine:
         self.sched = scheduler
         self.control_path = control_path
         self.max_held = max_held
-        self.held: Deque[Tuple[int, int]] = collections.deque()  # (release_ns, packet id)
+        # (release_ns, packet id) in arrival order, hence in release order too
+        self.held: collections.deque[tuple[int, int]] = collections.deque()
         self.received = 0
         self.dropped_loss = 0
         self.released = 0
+        # Timing diagnostics: how late batches go out, how far behind we read packets.
+        self.batches = 0
+        self.late_ns_sum = 0
+        self.late_ns_max = 0
+        self.stamped = 0
+        self.stamp_lag_ns_sum = 0
         self.stop = False
         self.nfq = None
         self.nfq_fd = -1
-        self.ctl: Optional[socket.socket] = None
+        self.ctl: socket.socket | None = None
         self.gso = None  # current NFQA_CFG_F_GSO state we asked for
+        self.pacer = Pacer()
+        self.real_minus_mono = time.time_ns() - time.monotonic_ns()
+        self._stamp_sock: socket.socket | None = None
 
     # -- setup / teardown
 
@@ -254,18 +322,35 @@ class DelayLine:
         if os.path.exists(self.control_path):
             os.unlink(self.control_path)  # stale socket of a dead daemon
         self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.ctl.bind(self.control_path)
+        try:
+            self.ctl.bind(self.control_path)
+        except OSError as e:
+            raise OSError(f"cannot create control socket {self.control_path}: {e}") from e
         self.ctl.setblocking(False)
 
-        self.nfq = NetfilterQueue()
         # Netlink receive buffer: bursts queue up here while we are busy; the kernel doubles it.
         sock_len = min(max(self.max_held * 512, 4 << 20), 256 << 20)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            self.nfq.bind(self.queue, self._on_packet, max_len=self.max_held, mode=COPY_META,
-                          sock_len=sock_len)
+        try:
+            self.nfq = NetfilterQueue()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                self.nfq.bind(
+                    self.queue,
+                    self._on_packet,
+                    max_len=self.max_held,
+                    mode=COPY_META,
+                    sock_len=sock_len,
+                )
+        except OSError as e:
+            raise OSError(
+                f"cannot bind NFQUEUE {self.queue} (bound by another process? not root?): {e}"
+            ) from e
         self.nfq_fd = self.nfq.get_fd()
         self._apply_gso()
+        # Any socket with SO_TIMESTAMPNS turns on receive stamping of every packet (a global
+        # static key), so queued packets carry their arrival time in NFQA_TIMESTAMP.
+        self._stamp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self._stamp_sock.setsockopt(socket.SOL_SOCKET, _SO_TIMESTAMPNS, 1)
 
     def close(self) -> None:
         if self.nfq is not None:
@@ -274,6 +359,9 @@ class DelayLine:
             except Exception as e:  # noqa: BLE001 - teardown must go on
                 _log(f"unbind failed: {e}")
             self.nfq = None
+        if self._stamp_sock is not None:
+            self._stamp_sock.close()
+            self._stamp_sock = None
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
@@ -285,7 +373,7 @@ class DelayLine:
     def _apply_gso(self) -> None:
         """Take GSO packets whole unless loss must apply per MTU packet."""
         want = self.sched.params.loss_pct == 0
-        if want == self.gso:
+        if want == self.gso or self.nfq_fd < 0:
             return
         msg = queue_flags_message(self.queue, NFQA_CFG_F_GSO, NFQA_CFG_F_GSO if want else 0)
         try:
@@ -297,9 +385,18 @@ class DelayLine:
     # -- hot path
 
     def _on_packet(self, pkt) -> None:
-        now = time.monotonic_ns()
+        now = arrival = time.monotonic_ns()
         self.received += 1
-        release = self.sched.arrive(now)
+        # The kernel's receive stamp (realtime) excludes our wake-up latency (~0.1-0.2 ms in
+        # a VM, more when we fall behind); trust it only when it is plausible.
+        stamp = pkt.get_timestamp()
+        if stamp:
+            stamped = int(stamp * 1e9) - self.real_minus_mono
+            if now - _MAX_STAMP_LAG_NS <= stamped <= now:
+                self.stamped += 1
+                self.stamp_lag_ns_sum += now - stamped
+                arrival = stamped
+        release = self.sched.arrive(arrival)
         if release is None:
             self.dropped_loss += 1
             pkt.drop()
@@ -307,10 +404,11 @@ class DelayLine:
         held = self.held
         held.append((release, pkt.id))
         if held[0][0] <= now:  # a long burst must not hold back due packets
-            self._release_due(now)
+            self._release_due(time.monotonic_ns())
 
     def _release_due(self, now: int) -> None:
         held = self.held
+        first = held[0][0] if held else now
         last_id = None
         n = 0
         while held and held[0][0] <= now:
@@ -318,6 +416,7 @@ class DelayLine:
             n += 1
         if last_id is None:
             return
+        late = time.monotonic_ns() - first  # the verdict itself then runs the forwarding path
         try:
             os.write(self.nfq_fd, verdict_batch_message(self.queue, last_id))
         except OSError as e:
@@ -326,6 +425,9 @@ class DelayLine:
             held.appendleft((now, last_id))
             return
         self.released += n
+        self.batches += 1
+        self.late_ns_sum += late
+        self.late_ns_max = max(self.late_ns_max, late)
 
     # -- control
 
@@ -349,12 +451,12 @@ class DelayLine:
             except OSError as e:
                 _log(f"control reply to {addr} failed: {e}")
 
-    def handle_control(self, data: bytes) -> Dict[str, Any]:
+    def handle_control(self, data: bytes) -> dict[str, Any]:
         """Apply one control datagram; always returns a reply, never raises."""
         try:
             msg = json.loads(data)
             if not isinstance(msg, dict):
-                raise ValueError("message must be a JSON object")
+                raise ValueError("message must be a JSON object")  # noqa: TRY004
             if "set" in msg:
                 params = self.sched.params.updated(msg["set"])
                 self.sched.set_params(params)
@@ -367,14 +469,24 @@ class DelayLine:
             text = " ".join(str(e).split()) or type(e).__name__
             return {"ok": False, "error": text}
 
-    def stats(self) -> Dict[str, Any]:
-        out: Dict[str, Any] = {
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
             "received": self.received,
             "dropped_loss": self.dropped_loss,
             "released": self.released,
             "held": len(self.held),
             "params": self.sched.params.to_dict(),
             "gso": bool(self.gso),
+            "batches": self.batches,
+            "late_us_mean": (
+                round(self.late_ns_sum / self.batches / 1e3, 1) if self.batches else 0.0
+            ),
+            "late_us_max": round(self.late_ns_max / 1e3, 1),
+            "stamped": self.stamped,
+            "read_lag_us_mean": (
+                round(self.stamp_lag_ns_sum / self.stamped / 1e3, 1) if self.stamped else 0.0
+            ),
+            "lead_us": round(self.pacer.lead_ns / 1e3, 1),
         }
         out.update(kernel_queue_counters(self.queue))
         return out
@@ -394,20 +506,37 @@ class DelayLine:
         fds = [nfq_fd, ctl_fd, wake_fd]
         held = self.held
         monotonic_ns = time.monotonic_ns
+        pacer = self.pacer
         try:
             while not self.stop:
                 now = monotonic_ns()
                 if held and held[0][0] <= now:
                     self._release_due(now)
-                timeout = max(0.0, (held[0][0] - now) / 1e9) if held else None
+                timeout = None
+                if held:
+                    deadline = held[0][0]
+                    sleep_ns = pacer.sleep_ns(now, deadline)
+                    if sleep_ns <= 0:
+                        if sleep_ns == 0:  # too close to sleep: spin (budget allowing) or go early
+                            while monotonic_ns() < deadline:
+                                pass
+                        self._release_due(deadline)
+                        continue
+                    timeout = sleep_ns / 1e9
                 try:
                     ready, _, _ = select.select(fds, [], [], timeout)
                 except InterruptedError:
                     continue
                 if not ready:
+                    if timeout is not None:
+                        pacer.woke(monotonic_ns() - now - sleep_ns)
                     continue
                 if nfq_fd in ready:
-                    self.nfq.run(block=False)
+                    self.real_minus_mono = time.time_ns() - monotonic_ns()
+                    try:
+                        self.nfq.run(block=False)
+                    except OSError as e:  # ENOBUFS is absorbed inside; anything else: log
+                        _log(f"queue {self.queue} receive failed: {e}")
                 if ctl_fd in ready:
                     self._on_control()
                 if wake_fd in ready:
@@ -422,7 +551,7 @@ class DelayLine:
             wake_w.close()
 
 
-def _write_ready_file(path: str, info: Dict[str, Any]) -> None:
+def _write_ready_file(path: str, info: dict[str, Any]) -> None:
     tmp = f"{path}.tmp.{os.getpid()}"
     with open(tmp, "w") as f:
         json.dump(info, f)
@@ -444,8 +573,12 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=None, help="seed for loss and jitter")
     p.add_argument("--control", required=True, help="UNIX datagram socket path to create")
     p.add_argument("--ready-file", default=None, help="written once the queue is bound")
-    p.add_argument("--max-held", type=int, default=DEFAULT_MAX_HELD,
-                   help="kernel queue length: most packets held at once")
+    p.add_argument(
+        "--max-held",
+        type=int,
+        default=DEFAULT_MAX_HELD,
+        help="kernel queue length: most packets held at once",
+    )
     args = p.parse_args(argv)
     if not 0 <= args.queue <= 65535:
         p.error(f"--queue must be in 0..65535, got {args.queue}")
@@ -468,13 +601,18 @@ def main(argv=None) -> int:
         try:
             line.open()
         except OSError as e:
-            _log(f"cannot bind queue {args.queue} / control {args.control}: {e}")
+            _log(str(e))
             return 1
         if args.ready_file:
-            _write_ready_file(args.ready_file, {
-                "pid": os.getpid(), "queue": args.queue, "control": args.control,
-                "params": args.params.to_dict(),
-            })
+            _write_ready_file(
+                args.ready_file,
+                {
+                    "pid": os.getpid(),
+                    "queue": args.queue,
+                    "control": args.control,
+                    "params": args.params.to_dict(),
+                },
+            )
         if not line.stop:
             line.run()
     finally:

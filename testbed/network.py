@@ -36,6 +36,14 @@ from testbed.topology import Plan, Topology
 LEDGER_DIR = "/run/testbed"
 LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed-runs")
 PREFIX = "tb-"
+# Set in every node so results do not depend on what the root namespace happens to have
+# (new namespaces copy some of root's values): TCP autotuning up to 32 MB, which one flow
+# needs at 1 Gbit/s x 40 ms, and CUBIC, the stock kernels' default congestion control.
+# A node's own sysctls (Topology.add_host(..., sysctls=)) override these.
+NODE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
+                "net.ipv4.tcp_rmem": "4096 131072 33554432",
+                "net.ipv4.tcp_wmem": "4096 16384 33554432",
+                "net.ipv4.tcp_congestion_control": "cubic"}
 BACKENDS = ("auto", "netem", "delayline")
 
 
@@ -359,26 +367,28 @@ class Network:
                 lines.append(klink.veth_line(ln.intf_a, na, ln.intf_b, nb))
         batch("ip", lines)
 
-        # per-node configuration over netlink sockets bound in each namespace
+        # per-node configuration over netlink sockets bound in each namespace: one dump
+        # for the interface indexes, one request per interface
         addrs = plan.addressing.addresses
         for name, spec in plan.nodes.items():
             node = self.nodes[name]
-            ipr = self._ipr(node.ns)
-            node.sysctl("net.ipv6.conf.all.disable_ipv6", 1)
-            node.sysctl("net.ipv6.conf.default.disable_ipv6", 1)
+            settings = dict(NODE_SYSCTLS)
             if spec.kind == "router":
-                node.sysctl("net.ipv4.ip_forward", 1)
-            for key, value in spec.sysctls:
-                node.sysctl(key, value)
-            klink.set_state(ipr, "lo", True)
+                settings["net.ipv4.ip_forward"] = 1
+            settings.update(spec.sysctls)
+            kns.sysctls(node.ns, settings)
+            ipr = self._ipr(node.ns)
+            idx = klink.indexes(ipr)
+            ipr.link("set", index=idx["lo"], state="up")
             for ifname in plan.interfaces(name):
                 if spec.kind == "switch":
-                    kbridge.enslave(ipr, name, ifname)
-                elif (name, ifname) in addrs:
-                    klink.add_address(ipr, ifname, addrs[(name, ifname)])
-                klink.set_state(ipr, ifname, True)
+                    ipr.link("set", index=idx[ifname], master=idx[name], state="up")
+                    continue
+                if (name, ifname) in addrs:
+                    klink.add_address(ipr, ifname, addrs[(name, ifname)], idx[ifname])
+                ipr.link("set", index=idx[ifname], state="up")
             if spec.kind == "switch":
-                klink.set_state(ipr, name, True)
+                ipr.link("set", index=idx[name], state="up")
 
         # links: shaping on the nodes' egress, or a wire with its delay lines
         for ln in plan.links:
@@ -393,6 +403,24 @@ class Network:
             self._routes.setdefault(r.node, {})[r.dst] = r.via
         for name in self._routes:
             self._install_routes(name)
+        self._wait_carrier()
+
+    def _wait_carrier(self, timeout: float = 5.0) -> None:
+        """Wait until every interface is operationally up. Until the kernel's linkwatch has
+        run (up to a second after carrier), a new veth transmits through noop_qdisc and
+        drops everything: the first ARP of an experiment would be lost."""
+        pending = {n.ns for n in self.nodes.values()}
+        deadline = time.monotonic() + timeout
+        while pending:
+            for ns in list(pending):
+                if klink.all_up(self._ipr(ns)):
+                    pending.discard(ns)
+            if not pending:
+                return
+            if time.monotonic() > deadline:
+                raise TestbedError(f"interfaces in {sorted(pending)[0]} not up after "
+                                   f"{timeout:g} s")
+            time.sleep(0.01)
 
     def _build_wire(self, link: Link) -> None:
         w = link.wire
@@ -468,6 +496,10 @@ class Network:
                 os.unlink(ledger_path(self.run_id))
             except FileNotFoundError:
                 pass
+        try:
+            os.rmdir(self.log_dir)  # only if empty: logs of processes are kept
+        except OSError:
+            pass
         self._started = False
         self._restore_signal_handlers()
         try:

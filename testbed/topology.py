@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Optional
 
 from testbed import addressing
@@ -38,12 +39,15 @@ class Plan:
         raise SpecError(f"node {node!r} has no address" + (f" on {ifname}" if ifname else ""))
 
     def interfaces(self, node: str) -> list:
-        out = []
+        """node's interface names, in link order."""
+        return self._interfaces.get(node, [])
+
+    @cached_property
+    def _interfaces(self) -> dict:
+        out: dict = {}
         for ln in self.links:
-            if ln.a == node:
-                out.append(ln.intf_a)
-            if ln.b == node:
-                out.append(ln.intf_b)
+            out.setdefault(ln.a, []).append(ln.intf_a)
+            out.setdefault(ln.b, []).append(ln.intf_b)
         return out
 
 

@@ -31,9 +31,23 @@ def index(ipr, ifname: str) -> int:
     return found[0]
 
 
-def add_address(ipr, ifname: str, iface) -> None:
+def indexes(ipr) -> dict:
+    """ifname -> index for every interface of the namespace, in one dump."""
+    return {ln.get_attr("IFLA_IFNAME"): ln["index"] for ln in ipr.get_links()}
+
+
+def all_up(ipr) -> bool:
+    """True when every interface that is administratively up is also operationally up
+    (loopback reports UNKNOWN, which counts as up)."""
+    for ln in ipr.get_links():
+        if ln["flags"] & 1 and ln.get_attr("IFLA_OPERSTATE") not in ("UP", "UNKNOWN"):
+            return False
+    return True
+
+
+def add_address(ipr, ifname: str, iface, idx=None) -> None:
     """iface: an ipaddress.IPv4Interface."""
-    ipr.addr("add", index=index(ipr, ifname), address=str(iface.ip),
+    ipr.addr("add", index=idx if idx is not None else index(ipr, ifname), address=str(iface.ip),
              prefixlen=iface.network.prefixlen, broadcast=str(iface.network.broadcast_address))
 
 

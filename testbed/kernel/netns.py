@@ -100,6 +100,18 @@ def sysctl(name: str, key: str, value) -> str:
     return old
 
 
+def sysctls(name: str, settings: dict) -> None:
+    """Set several sysctls inside namespace `name`, entering it once."""
+    with enter(name):
+        for key, value in settings.items():
+            p = "/proc/sys/" + key.replace(".", "/")
+            try:
+                with open(p, "w") as f:
+                    f.write(str(value))
+            except OSError as e:
+                raise TestbedError(f"sysctl {key}={value} in {name}: {e.strerror}") from None
+
+
 def pids(name: str) -> list:
     """PIDs of the processes whose network namespace is `name`."""
     out = run(["ip", "netns", "pids", name], check=False).stdout
