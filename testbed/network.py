@@ -37,13 +37,14 @@ LEDGER_DIR = "/run/testbed"
 LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed-runs")
 PREFIX = "tb-"
 # Set in every node so results do not depend on what the root namespace happens to have
-# (new namespaces copy some of root's values): TCP autotuning up to 32 MB, which one flow
-# needs at 1 Gbit/s x 40 ms, and CUBIC, the stock kernels' default congestion control.
-# A node's own sysctls (Topology.add_host(..., sysctls=)) override these.
+# (new namespaces copy root's values): TCP autotuning up to 32 MB, which one flow needs at
+# 1 Gbit/s x 40 ms. A node's own sysctls (add_host(..., sysctls=)) override these.
+# The default congestion control cannot be set here: outside the root namespace the kernel
+# only allows those in root's tcp_allowed_congestion_control. It is recorded in env.json;
+# pick one per flow with measure.iperf3(..., congestion="cubic").
 NODE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disable_ipv6": 1,
                 "net.ipv4.tcp_rmem": "4096 131072 33554432",
-                "net.ipv4.tcp_wmem": "4096 16384 33554432",
-                "net.ipv4.tcp_congestion_control": "cubic"}
+                "net.ipv4.tcp_wmem": "4096 16384 33554432"}
 BACKENDS = ("auto", "netem", "delayline")
 
 

@@ -22,6 +22,14 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _read(path: str):
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -56,6 +64,7 @@ def write(ctx, mod, runtime_s: float) -> None:
            "backends": {k: sorted(v) if isinstance(v, set) else v
                         for k, v in ctx.backends.items()},
            "kernel_delay_backend": caps.delay_backend, "netem": caps.qdiscs.get("netem"),
+           "tcp_congestion_control": _read("/proc/sys/net/ipv4/tcp_congestion_control"),
            "parameters": ctx.params, "versions": _versions(), "cpus": os.cpu_count()}
     with open(os.path.join(ctx.out_dir, "env.json"), "w") as f:
         json.dump(env, f, indent=2, default=str)

@@ -14,7 +14,7 @@ from testbed.process import listening
 def iperf3(client, server, seconds: float = 5, udp: bool = False,
            rate_mbit: Optional[float] = None, reverse: bool = False, port: int = 5201,
            interval: float = 1.0, omit: float = 0, window: Optional[str] = None,
-           extra: tuple = ()) -> pd.DataFrame:
+           congestion: Optional[str] = None, extra: tuple = ()) -> pd.DataFrame:
     """Run iperf3 from client to server (Node objects). One row per reporting interval:
     t_start, t_end, bits_per_second, bytes, retransmits (TCP). df.attrs holds the totals:
     sender_bps, receiver_bps (the goodput), retransmits; for UDP lost_percent, packets and
@@ -33,6 +33,8 @@ def iperf3(client, server, seconds: float = 5, udp: bool = False,
         argv.append("-R")
     if window:
         argv += ["-w", window]
+    if congestion:
+        argv += ["-C", congestion]
     argv += list(extra)
     try:
         res = client.run(argv, timeout=seconds + omit + 30, check=False)
