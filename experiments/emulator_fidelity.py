@@ -47,16 +47,19 @@ def goodput(ctx, backend, rate, delay, seconds):
     topo = pair.build(rate_mbit=rate, delay_ms=delay)
     with Network(topo, backend=backend) as net:
         ctx.note_network(net)
-        df = measure.iperf3(net["h1"], net["h2"], seconds=seconds, omit=1)
+        df = measure.iperf3(net["h1"], net["h2"], seconds=seconds)
         link_backend = net.link("h1", "h2").backend
     got = df.attrs["receiver_bps"] / 1e6
     ratio = got / rate
-    ok = 0.95 <= ratio <= 1.02
+    wire = ratio / TCP_OVERHEAD  # the Ethernet-level rate the link delivered
+    ok = 0.95 <= wire <= 1.02
     ctx.add(kind="goodput", backend=backend, link_backend=link_backend, rate_mbit=rate,
             delay_ms=delay, loss_pct=0, expected=rate, measured=round(got, 3),
-            ratio=round(ratio, 4), within=ok, n=len(df), retransmits=df.attrs["retransmits"])
+            ratio=round(ratio, 4), wire_ratio=round(wire, 4), within=ok, n=len(df),
+            retransmits=df.attrs["retransmits"])
     ctx.progress(f"{backend:9} rate {rate:5} Mbit/s delay {delay:3} ms: goodput "
-                 f"{got:8.2f} Mbit/s ({100 * ratio:.1f} %)")
+                 f"{got:8.2f} Mbit/s ({100 * ratio:.1f} % of the rate, "
+                 f"{100 * wire:.1f} % at the Ethernet level)")
     return ratio
 
 
@@ -110,7 +113,7 @@ def delayline_tcp(ctx, seconds):
 
 def run(ctx) -> None:
     quick = ctx.quick
-    seconds = 4 if quick else 10
+    seconds = 5 if quick else 10
     goodput_grid = [(r, 0) for r in RATES] if quick else \
         [(r, d) for r in RATES for d in [0] + DELAYS]
     ctx.params.update(rates_mbit=RATES, delays_ms=DELAYS, losses_pct=LOSSES,
@@ -123,9 +126,11 @@ def run(ctx) -> None:
         worst = min(ratios)
         ctx.claim(f"goodput_{backend}", "Goodput within 5 % of the configured rate from "
                   "1 Mbit/s to 1 Gbit/s", None, 100 * worst, "% of rate (worst)",
-                  worst >= 0.95,
-                  f"worst of {len(ratios)} runs (HTB; TCP payload ceiling is "
-                  f"{100 * TCP_OVERHEAD:.1f} % of an Ethernet rate)")
+                  worst / TCP_OVERHEAD >= 0.95,
+                  f"worst of {len(ratios)} iperf3 runs, one TCP flow, {seconds} s. The rate is "
+                  f"an Ethernet rate (HTB counts 1514-byte frames), so TCP goodput tops out at "
+                  f"{100 * TCP_OVERHEAD:.1f} % of it; holds if goodput x 1514/1448 is within "
+                  f"5 % ({100 * worst / TCP_OVERHEAD:.1f} %)")
         errs = [rtt(ctx, backend, d, 40 if quick else 200) for d in DELAYS]
         worst_rtt = max(abs(e) - t for e, t in errs)
         ctx.claim(f"rtt_{backend}", "RTT within max(0.5 ms, 2 %) of the configured value",

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import threading
 import time
+import zlib
 from typing import Optional, Sequence, Union
 
 from testbed import capabilities
@@ -430,7 +431,7 @@ class Network:
         for d in ("a_to_b", "b_to_a"):
             ctl = kwire.control_path(self.log_dir, w, d)
             ready = ctl + ".ready"
-            seed = None if self.seed is None else hash((self.seed, w, d)) & 0xFFFFFFFF
+            seed = None if self.seed is None else zlib.crc32(f"{self.seed}/{w}/{d}".encode())
             log_path = os.path.join(self.log_dir, f"{w}.{d}.log")
             p = Process(kwire.daemon_argv(d, link.shaping[d], ctl, ready, seed), w, log_path,
                         f"delayline {link.spec.a}-{link.spec.b} {d}")
