@@ -159,13 +159,17 @@ def plot(ctx) -> None:
 
     df = pd.DataFrame(ctx.rows)
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
-    for backend, g in df[df.kind == "goodput"].groupby("backend"):
-        for d, gg in g.groupby("delay_ms"):
-            ax[0].plot(gg.rate_mbit, 100 * gg.ratio, "o-", label=f"{backend}, delay {d} ms")
-    ax[0].axhspan(95, 102, color="green", alpha=0.1, label="target (>= 95 %)")
+    gp = df[df.kind == "goodput"]
+    for (lb, d), g in gp.groupby(["link_backend", "delay_ms"]):
+        name = "htb only" if lb == "none" else f"htb + {lb}"
+        line = ax[0].plot(g.rate_mbit, 100 * g.wire_ratio, "o-",
+                          label=f"{name}, delay {d:g} ms: Ethernet-level rate")[0]
+        ax[0].plot(g.rate_mbit, 100 * g.ratio, "x--", color=line.get_color(),
+                   label=f"{name}, delay {d:g} ms: TCP goodput")
+    ax[0].axhspan(95, 102, color="green", alpha=0.1, label="target: within 5 %")
     ax[0].axhline(100 * TCP_OVERHEAD, ls=":", color="gray", label="TCP payload ceiling")
-    ax[0].set(xscale="log", xlabel="configured rate (Mbit/s)", ylabel="goodput / rate (%)",
-              title="Goodput")
+    ax[0].set(xscale="log", xlabel="configured rate (Mbit/s)", ylabel="% of configured rate",
+              title="Rate")
     ax[0].legend(fontsize=7)
     r = df[df.kind == "rtt"]
     for backend, g in r.groupby("backend"):

@@ -352,8 +352,9 @@ def _claims(ctx, mn_missing) -> None:
                   f"{len(tb50)} testbed runs: Mininet {t_mn:.2f} s (`mn --switch lxbr "
                   f"--controller none --test none`, whole command) against testbed "
                   f"{t_tb:.2f} s (Network.start + stop); the h1-h50 ping check, timed "
-                  f"apart, took {_fmt(median(tb50, 'ping_s'))} (a fresh network's first ping "
-                  f"can wait ~1 s for ARP: carrier comes up after start returns); the guide's "
+                  f"apart, took {_fmt(median(tb50, 'ping_s'))}; testbed's teardown returns once "
+                  f"the namespaces are unlinked, the kernel frees them asynchronously "
+                  f"(kernel_free_s in data.csv, not counted); the guide's "
                   f"reference for Mininet here is 6.6 s; the two alternated run by run; "
                   f"1-min load average {_load(tb50 + mn50)} (2 CPUs, shared machine)")
     else:

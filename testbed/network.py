@@ -412,6 +412,7 @@ class Network:
         run (up to a second after carrier), a new veth transmits through noop_qdisc and
         drops everything: the first ARP of an experiment would be lost."""
         pending = {n.ns for n in self.nodes.values()}
+        pending |= {ln.wire for ln in self.links.values() if ln.wire}
         deadline = time.monotonic() + timeout
         while pending:
             for ns in list(pending):

@@ -1,0 +1,34 @@
+"""Every registered experiment runs in quick mode and writes the contract's files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pandas as pd
+import pytest
+
+from testbed import experiment
+
+CLAIM_KEYS = {"id", "text", "paper", "measured", "unit", "holds", "why"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", experiment.available())
+def test_experiment_quick_writes_results(name, tmp_path):
+    experiment.execute(name, "quick", str(tmp_path))
+    out = tmp_path / name
+    data = pd.read_csv(out / "data.csv")
+    assert len(data) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == name and summary["mode"] == "quick"
+    assert summary["claims"], "an experiment must check at least one claim"
+    for c in summary["claims"]:
+        assert CLAIM_KEYS <= set(c), c
+        assert isinstance(c["holds"], bool)
+    env = json.loads((out / "env.json").read_text())
+    assert env["kernel"] and env["git_commit"]
+    assert env["kernel_delay_backend"] in ("netem", "delayline")
+    pngs = [f for f in os.listdir(out) if f.endswith(".png")]
+    assert pngs and all((out / f).stat().st_size > 10_000 for f in pngs)
+    assert set(summary["figures"]) == set(pngs)

@@ -1,0 +1,43 @@
+"""Every topology file builds with its defaults and its hosts reach each other."""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+import pytest
+
+from testbed import Network, Topology, measure
+
+TOPO_DIR = os.path.join(os.path.dirname(__file__), "..", "..", "topologies")
+NAMES = sorted(f[:-3] for f in os.listdir(TOPO_DIR) if f.endswith(".py") and f[0] != "_")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_topology_builds_and_hosts_ping(name):
+    mod = importlib.import_module(f"topologies.{name}")
+    topo = mod.build()
+    assert isinstance(topo, Topology)
+    with Network(topo) as net:
+        hosts = net.hosts()
+        assert len(hosts) >= 2
+        df = measure.ping(hosts[0], hosts[-1], count=3, interval=0.05)
+        assert df.attrs["received"] == 3, f"{hosts[0].name} cannot reach {hosts[-1].name}"
+
+
+def test_mininet_topo_builds_and_pings():
+    from mininet.topo import LinearTopo, Topo
+
+    class Shaped(Topo):
+        def build(self):
+            h1, h2 = self.addHost("h1"), self.addHost("h2")
+            s1 = self.addSwitch("s1")
+            self.addLink(h1, s1, bw=10, delay="5ms")
+            self.addLink(h2, s1)
+
+    with Network(Topology.from_mininet(LinearTopo(3))) as net:
+        assert net["h1"].ip == "10.0.0.1" and net["h3"].ip == "10.0.0.3"
+        assert measure.ping(net["h1"], net["h3"], count=2, interval=0.05).attrs["received"] == 2
+    with Network(Topology.from_mininet(Shaped())) as net:
+        df = measure.ping(net["h1"], net["h2"], count=10, interval=0.05)
+        assert 9.5 <= df["rtt_ms"].median() <= 11.5  # 5 ms each way on h1-s1
