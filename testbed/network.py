@@ -432,7 +432,9 @@ class Network:
         for d in ("a_to_b", "b_to_a"):
             ctl = kwire.control_path(self.log_dir, w, d)
             ready = ctl + ".ready"
-            seed = None if self.seed is None else zlib.crc32(f"{self.seed}/{w}/{d}".encode())
+            # from the topology, not the run id, so the same seed gives the same losses
+            where = f"{self.seed}/{link.spec.a}-{link.spec.b}/{d}"
+            seed = None if self.seed is None else zlib.crc32(where.encode())
             log_path = os.path.join(self.log_dir, f"{w}.{d}.log")
             p = Process(kwire.daemon_argv(d, link.shaping[d], ctl, ready, seed), w, log_path,
                         f"delayline {link.spec.a}-{link.spec.b} {d}")
