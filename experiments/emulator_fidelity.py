@@ -8,9 +8,8 @@ TCP throughput at 20 ms one way.
 
 from __future__ import annotations
 
-import math
-
 from testbed import Network, capabilities, measure
+from testbed.measure.stats import wilson
 from topologies import pair
 
 PAPER = "emulator"
@@ -20,27 +19,6 @@ RATES = [1, 10, 100, 1000]
 DELAYS = [1, 10, 50, 200]
 LOSSES = [0, 1, 5]
 TCP_OVERHEAD = 1448 / 1514  # TCP payload per Ethernet frame (with timestamps): goodput ceiling
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple:
-    """95 % Wilson score interval of a binomial proportion k/n, in percent."""
-    if n == 0:
-        return (0.0, 100.0)
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return (100 * max(0.0, mid - half), 100 * min(1.0, mid + half))
-
-
-def backends() -> list:
-    caps = capabilities.probe()
-    out = []
-    if caps.qdiscs.get("netem"):
-        out.append("netem")
-    if caps.nfqueue and caps.br_netfilter:
-        out.append("delayline")
-    return out
 
 
 def goodput(ctx, backend, rate, delay, seconds):
@@ -119,7 +97,7 @@ def run(ctx) -> None:
     ctx.params.update(rates_mbit=RATES, delays_ms=DELAYS, losses_pct=LOSSES,
                       iperf_seconds=seconds, goodput_grid=goodput_grid,
                       ping_count=40 if quick else 200)
-    bks = backends()
+    bks = capabilities.probe().delay_backends
     ctx.params["backends"] = bks
     for backend in bks:
         ratios = [goodput(ctx, backend, r, d, seconds) for r, d in goodput_grid]

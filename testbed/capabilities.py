@@ -62,6 +62,14 @@ class Capabilities:
             return "delayline"
         return "none"
 
+    @property
+    def delay_backends(self) -> list:
+        """Every delay/loss backend this kernel offers (experiments compare them)."""
+        out = ["netem"] if self.qdiscs.get("netem") else []
+        if self.nfqueue and self.br_netfilter:
+            out.append("delayline")
+        return out
+
     def to_json(self) -> str:
         d = asdict(self)
         d["delay_backend"] = self.delay_backend

@@ -3,33 +3,16 @@ whatever backend this kernel offers; and runtime changes measured the same way."
 
 from __future__ import annotations
 
-import math
+import os
 
 import pytest
 
 from testbed import Network, Topology, capabilities, measure
+from testbed.measure.stats import wilson
 from topologies import pair
 
 
-def backends() -> list:
-    caps = capabilities.probe()
-    out = []
-    if caps.qdiscs.get("netem"):
-        out.append("netem")
-    if caps.nfqueue and caps.br_netfilter:
-        out.append("delayline")
-    return out
-
-
-BACKENDS = backends() if __import__("os").geteuid() == 0 else ["delayline"]
-
-
-def wilson(k: int, n: int, z: float = 1.96) -> tuple:
-    p = k / n
-    den = 1 + z * z / n
-    mid = (p + z * z / (2 * n)) / den
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
-    return 100 * (mid - half), 100 * (mid + half)
+BACKENDS = capabilities.probe().delay_backends if os.geteuid() == 0 else ["delayline"]
 
 
 def median_rtt(net, count=20) -> float:
