@@ -90,13 +90,15 @@ def delayline_tcp(ctx, seconds):
 
 
 def run(ctx) -> None:
-    quick = ctx.quick
-    seconds = 5 if quick else 10
-    goodput_grid = [(r, 0) for r in RATES] if quick else \
-        [(r, d) for r in RATES for d in [0] + DELAYS]
-    ctx.params.update(rates_mbit=RATES, delays_ms=DELAYS, losses_pct=LOSSES,
-                      iperf_seconds=seconds, goodput_grid=goodput_grid,
-                      ping_count=40 if quick else 200)
+    rates = ctx.pick(smoke=[10], quick=RATES, full=RATES)
+    delays = ctx.pick(smoke=[10], quick=DELAYS, full=DELAYS)
+    losses = ctx.pick(smoke=[0, 5], quick=LOSSES, full=LOSSES)
+    seconds = ctx.pick(smoke=2, quick=5, full=10)
+    pings = ctx.pick(smoke=10, quick=40, full=200)
+    goodput_grid = [(r, 0) for r in rates] if ctx.quick else \
+        [(r, d) for r in rates for d in [0] + delays]
+    ctx.params.update(rates_mbit=rates, delays_ms=delays, losses_pct=losses,
+                      iperf_seconds=seconds, goodput_grid=goodput_grid, ping_count=pings)
     bks = capabilities.probe().delay_backends
     ctx.params["backends"] = bks
     for backend in bks:
@@ -109,16 +111,15 @@ def run(ctx) -> None:
                   f"an Ethernet rate (HTB counts 1514-byte frames), so TCP goodput tops out at "
                   f"{100 * TCP_OVERHEAD:.1f} % of it; holds if goodput x 1514/1448 is within "
                   f"5 % ({100 * worst / TCP_OVERHEAD:.1f} %)")
-        errs = [rtt(ctx, backend, d, 40 if quick else 200) for d in DELAYS]
+        errs = [rtt(ctx, backend, d, pings) for d in delays]
         worst_rtt = max(abs(e) - t for e, t in errs)
         ctx.claim(f"rtt_{backend}", "RTT within max(0.5 ms, 2 %) of the configured value",
                   None, max(abs(e) for e, _ in errs), "ms (worst |error|)", worst_rtt <= 0,
-                  f"one-way delays {DELAYS} ms, median of "
-                  f"{40 if quick else 200} pings each")
-        oks = [loss(ctx, backend, p, seconds) for p in LOSSES]
+                  f"one-way delays {delays} ms, median of {pings} pings each")
+        oks = [loss(ctx, backend, p, seconds) for p in losses]
         ctx.claim(f"loss_{backend}", "Measured loss inside the 95 % binomial interval",
                   None, sum(oks), f"of {len(oks)} losses inside", all(oks),
-                  f"configured {LOSSES} % on h1->h2 only; a UDP request every 1 ms for "
+                  f"configured {losses} % on h1->h2 only; a UDP request every 1 ms for "
                   f"{seconds} s, each answered by h2 (testbed.measure.udp_probe)")
     if "delayline" in bks:
         got = delayline_tcp(ctx, seconds + 2)

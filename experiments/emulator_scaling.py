@@ -38,6 +38,7 @@ TITLE = "Emulator scaling: build + teardown time and memory of linear,N against 
 
 QUICK = {"testbed": [10, 50, 100, 500], "mininet": [10, 50]}
 FULL = {"testbed": [10, 50, 100, 200, 500, 1000], "mininet": [10, 50, 100, 200]}
+SMOKE = {"testbed": [10, 50], "mininet": [10]}
 REPEATS_SMALL = 3  # linear,10 and linear,50: median of 3
 SMALL = (10, 50)
 MININET_MAX_S = 180.0  # full mode: Mininet's linear,500 only if it is predicted under this
@@ -247,7 +248,7 @@ def median(rows, key):
 
 
 def run(ctx) -> None:
-    sizes = QUICK if ctx.quick else FULL
+    sizes = ctx.pick(smoke=SMOKE, quick=QUICK, full=FULL)
     mn = shutil.which("mn")
     mn_version = None
     if mn:
@@ -275,7 +276,7 @@ def run(ctx) -> None:
     if not ctx.quick:
         all_sizes = sorted(set(all_sizes) | {500})
     for n in all_sizes:
-        reps = REPEATS_SMALL if n in SMALL else 1
+        reps = REPEATS_SMALL if n in SMALL and not ctx.smoke else 1
         want_tb = n in sizes["testbed"]
         want_mn = n in sizes["mininet"]
         if not ctx.quick and n == 500 and not mn_missing:

@@ -50,7 +50,7 @@ def cmd_reproduce(args) -> int:
     for n in names:  # fail on a bad name before running anything
         experiment.load(n)
     _need_root("testbed reproduce")
-    mode = "full" if args.full else "quick"
+    mode = "full" if args.full else "smoke" if args.smoke else "quick"
     out_root = args.out or os.path.join(experiment.ROOT, "results")
     failed = []
     for i, n in enumerate(names, 1):
@@ -113,6 +113,8 @@ def main(argv=None) -> int:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="about a minute each (default)")
     g.add_argument("--full", action="store_true", help="the papers' sizes")
+    g.add_argument("--smoke", action="store_true",
+                   help="tiny sizes to check that an experiment runs (for tests, not results)")
     p.add_argument("--out", help="results directory (default: results/)")
     p.add_argument("--list", action="store_true", help="list the experiments")
     p.set_defaults(func=cmd_reproduce)

@@ -38,7 +38,7 @@ class Claim:
 @dataclass
 class Context:
     name: str
-    mode: str  # "quick" or "full"
+    mode: str  # "quick", "full", or "smoke" (tiny sizes, for tests: not for results)
     out_dir: str
     rows: list = field(default_factory=list)
     claims: list = field(default_factory=list)
@@ -49,7 +49,16 @@ class Context:
 
     @property
     def quick(self) -> bool:
-        return self.mode == "quick"
+        """Quick or smoke: anything short of the papers' sizes."""
+        return self.mode in ("quick", "smoke")
+
+    @property
+    def smoke(self) -> bool:
+        return self.mode == "smoke"
+
+    def pick(self, smoke, quick, full):
+        """The value for this mode."""
+        return {"smoke": smoke, "quick": quick, "full": full}[self.mode]
 
     def progress(self, msg: str) -> None:
         """One line on stderr with the elapsed time, so long runs show where they are."""
@@ -103,8 +112,8 @@ def execute(name: str, mode: str = "quick", out_root: Optional[str] = None) -> C
     """Run one experiment and write its results directory."""
     from testbed import results
 
-    if mode not in ("quick", "full"):
-        raise TestbedError(f"mode must be quick or full, got {mode!r}")
+    if mode not in ("quick", "full", "smoke"):
+        raise TestbedError(f"mode must be quick, full or smoke, got {mode!r}")
     mod = load(name)
     out_dir = os.path.join(out_root or os.path.join(ROOT, "results"), name)
     os.makedirs(out_dir, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Every registered experiment runs in quick mode and writes the contract's files."""
+"""Every registered experiment runs (smoke mode: tiny sizes) and writes the contract's files.
+Quick mode is what `make reproduce` runs; its results are committed under results/."""
 
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ CLAIM_KEYS = {"id", "text", "paper", "measured", "unit", "holds", "why"}
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", experiment.available())
-def test_experiment_quick_writes_results(name, tmp_path):
-    experiment.execute(name, "quick", str(tmp_path))
+def test_experiment_writes_results(name, tmp_path):
+    experiment.execute(name, "smoke", str(tmp_path))
     out = tmp_path / name
     data = pd.read_csv(out / "data.csv")
     assert len(data) > 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["experiment"] == name and summary["mode"] == "quick"
+    assert summary["experiment"] == name and summary["mode"] == "smoke"
     assert summary["claims"], "an experiment must check at least one claim"
     for c in summary["claims"]:
         assert CLAIM_KEYS <= set(c), c
