@@ -3,7 +3,13 @@ VENV := .venv
 TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/python -m pytest
 
-.PHONY: setup reproduce reproduce-full test test-unit doctor cleanup lint
+# What runs inside the full-kernel VM (Debian's stock kernel under qemu TCG, ~10x slower
+# than native): the kernel tier, every experiment's smoke run on the native backends, and
+# the netem-vs-delay-line agreement test. Readiness timeouts are scaled for the slow VM.
+FULLKERNEL_TESTS := tests/kernel tests/e2e/test_experiments_smoke.py \
+	tests/e2e/test_link_emulation.py::test_backends_agree_on_delay_and_loss
+
+.PHONY: setup reproduce reproduce-full test test-host test-fullkernel test-unit doctor cleanup lint
 
 setup:
 	@bash scripts/setup.sh
@@ -14,9 +20,15 @@ reproduce: setup
 reproduce-full: setup
 	$(TESTBED) reproduce --all --full
 
-test: setup
+test: test-host
+
+test-host: setup
 	$(VENV)/bin/ruff check testbed tests experiments topologies
 	$(PYTEST) -q -ra tests
+
+test-fullkernel: setup
+	python3 scripts/fullkernel.py --timeout 1500 -- env TESTBED_TIMEOUT_SCALE=10 \
+		$(VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(FULLKERNEL_TESTS)
 
 test-unit: setup
 	$(PYTEST) -q tests/unit

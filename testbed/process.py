@@ -17,6 +17,10 @@ from testbed.errors import TestbedError
 from testbed.kernel import netns as kns
 from testbed.run import run
 
+# Readiness timeouts are multiplied by this: a machine under software emulation (the
+# full-kernel test VM runs under TCG) starts a Python daemon ten times slower.
+TIMEOUT_SCALE = float(os.environ.get("TESTBED_TIMEOUT_SCALE", "1"))
+
 
 class Process:
     """A process started in a namespace. Use Node.start() rather than making one directly."""
@@ -62,6 +66,7 @@ class Process:
     def wait_ready(self, probe: Callable[[], bool], timeout: float = 10.0,
                    interval: float = 0.01) -> "Process":
         """Poll probe() until true; fail early with the log tail if the process dies."""
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while True:
             if probe():
