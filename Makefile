@@ -20,14 +20,14 @@ reproduce: setup
 reproduce-full: setup
 	$(TESTBED) reproduce --all --full
 
-test: test-host
+test: test-host test-fullkernel
 
 test-host: setup
 	$(VENV)/bin/ruff check testbed tests experiments topologies
 	$(PYTEST) -q -ra tests
 
 test-fullkernel: setup
-	python3 scripts/fullkernel.py --timeout 1500 -- env TESTBED_TIMEOUT_SCALE=10 \
+	python3 scripts/fullkernel.py --timeout 2700 -- env TESTBED_TIMEOUT_SCALE=10 \
 		$(VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(FULLKERNEL_TESTS)
 
 test-unit: setup

@@ -146,16 +146,18 @@ def test_backend_recorded():
                     "runs on the full kernel (make test-fullkernel)")
 def test_backends_agree_on_delay_and_loss():
     """The same link on netem and on the delay line: same RTT and same loss, within
-    tolerance (RTT within 1 ms; each loss inside the other's 95 % interval)."""
+    tolerance (RTTs within max(1 ms, 5 %) of each other; each loss inside the other's
+    95 % interval). Runs in the full-kernel VM, where TCG adds ~1-3 ms per round trip."""
     rtts, losses = {}, {}
     for backend in ("netem", "delayline"):
-        with Network(pair.build(delay_ms=10), backend=backend) as net:
+        with Network(pair.build(delay_ms=25), backend=backend) as net:
             rtts[backend] = median_rtt(net, count=30)
         topo = pair.build(delay_ms=1, loss_pct=10, lossy_direction="a_to_b")
         with Network(topo, backend=backend, seed=5) as net:
             df = measure.udp_probe(net["h1"], net["h2"], seconds=2, interval_ms=1)
         losses[backend] = (int(df["t_recv"].isna().sum()), len(df))
-    assert abs(rtts["netem"] - rtts["delayline"]) <= 1.0, rtts
+    assert abs(rtts["netem"] - rtts["delayline"]) <= max(1.0, 0.05 * 50), rtts
+    assert all(49.5 <= r <= 56 for r in rtts.values()), rtts
     for a, b in (("netem", "delayline"), ("delayline", "netem")):
         lo, hi = wilson(*losses[a])
         k, n = losses[b]

@@ -357,7 +357,7 @@ def test_term_ignoring_process_is_killed(root_state, run_id, run_namespaces):
 
 def test_readiness_timeout_raises_and_network_tears_down(root_state, run_id, run_namespaces):
     rid = run_id()
-    with pytest.raises(TBError, match=r"h1:never not ready after 1 s") as info, \
+    with pytest.raises(TBError, match=r"h1:never not ready after [0-9.]+ s") as info, \
             Network(pair(), run_id=rid) as net:
         t0 = time.monotonic()
         try:
