@@ -20,7 +20,7 @@ reproduce: setup
 reproduce-full: setup
 	$(TESTBED) reproduce --all --full
 
-test: test-host test-fullkernel
+test: test-host
 
 test-host: setup
 	$(VENV)/bin/ruff check testbed tests experiments topologies
