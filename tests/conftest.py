@@ -28,6 +28,8 @@ from typing import Callable
 
 import pytest
 
+from testbed.process import TIMEOUT_SCALE
+
 LEDGER_DIR = "/run/testbed"
 IS_ROOT = os.geteuid() == 0
 ROOT_REASON = "needs root: creates real network namespaces (run the kernel/e2e tiers with sudo)"
@@ -59,7 +61,9 @@ def pytest_collection_modifyitems(config, items):
 
 def poll(cond: Callable[[], object], timeout: float = 10.0, interval: float = 0.02,
          what: str = "condition"):
-    """Return cond()'s first truthy value; fail the test if none comes within timeout."""
+    """Return cond()'s first truthy value; fail the test if none comes within timeout
+    (scaled by TESTBED_TIMEOUT_SCALE, as readiness timeouts are, for slow VMs)."""
+    timeout *= TIMEOUT_SCALE
     deadline = time.monotonic() + timeout
     while True:
         value = cond()
@@ -216,6 +220,7 @@ class RootState:
 
     def assert_unchanged(self, timeout: float = 5.0) -> None:
         """Fail unless the root namespace is as it was (allowing timeout s to settle)."""
+        timeout *= TIMEOUT_SCALE
         deadline = time.monotonic() + timeout
         while True:
             diffs = self.differences()

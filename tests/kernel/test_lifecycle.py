@@ -16,6 +16,7 @@ from testbed import network as tbnet
 from testbed.errors import SpecError
 from testbed.errors import TestbedError as TBError  # not "Test*": pytest would collect it
 from testbed.network import Network
+from testbed.process import TIMEOUT_SCALE
 from testbed.topology import Topology
 
 pytestmark = pytest.mark.kernel
@@ -140,6 +141,7 @@ class Child:
         child_pids.add(self.proc.pid)
 
     def ready(self, timeout: float = 30) -> int:
+        timeout *= TIMEOUT_SCALE  # a Python start-up plus a build: slow under qemu's TCG
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             r, _, _ = select.select([self.proc.stdout], [], [], 0.2)
@@ -157,6 +159,7 @@ class Child:
                     f"{self.proc.stderr.read().decode()[-2000:]}")
 
     def finish(self, timeout: float = 20) -> tuple:
+        timeout *= TIMEOUT_SCALE
         try:
             rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -366,7 +369,8 @@ def test_readiness_timeout_raises_and_network_tears_down(root_state, run_id, run
         finally:
             took = time.monotonic() - t0
             procs = list(net["h1"].procs)
-    assert 1.0 <= took < 3.0
+    # ready_timeout is scaled by TESTBED_TIMEOUT_SCALE (10 in the qemu tier)
+    assert 1.0 * TIMEOUT_SCALE <= took < 3.0 * TIMEOUT_SCALE
     assert "log " in str(info.value)  # it says where the log is
     assert len(procs) == 1 and not running(procs[0].pid, "sleep 1000")
     assert run_namespaces(rid) == []
@@ -385,7 +389,7 @@ def test_process_exiting_early_fails_readiness_with_log_tail(root_state, run_id,
         msg = str(info.value)
         assert "h1:quitter exited with 3 before it was ready" in msg
         assert "the-last-words" in msg  # the log tail (stderr goes to the same log)
-        assert took < 5  # fails as soon as the process dies, not at the timeout
+        assert took < 5 * TIMEOUT_SCALE  # fails as soon as the process dies, not at the timeout
         # the rest of the network still works
         assert ping(net["h1"], net["h2"].ip)
     assert run_namespaces(rid) == []
