@@ -1,6 +1,7 @@
 """Deterministic addressing and static routes for a topology (pure: no I/O).
 
-A *segment* is one layer-2 broadcast domain: the endpoints joined by links and switches.
+A *segment* is one layer-2 broadcast domain: the endpoints joined by links and switches
+(one domain per VLAN of a switch; trunks join the same VLAN on two switches).
 Each segment gets one subnet; each host/router endpoint on it one address. Explicit
 addresses are kept and the rest of their segment is filled from the same subnet.
 """
@@ -12,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from testbed.errors import SpecError
-from testbed.spec import LinkSpec, NodeSpec, RouteSpec, parse_interface_address
+from testbed.spec import DEFAULT_VLAN, LinkSpec, NodeSpec, RouteSpec, parse_interface_address
 
 POOL = ipaddress.ip_network("10.0.0.0/8")
 
@@ -52,10 +53,15 @@ def _segments(nodes: dict, links: list) -> list:
     for ln in links:
         ea, eb = (ln.a, ln.intf_a), (ln.b, ln.intf_b)
         order += [ea, eb]
+        if ln.trunk:  # each VLAN of a trunk joins that VLAN's domains on both switches
+            for vid in ln.trunk:
+                union((ln.a, None, vid), (ln.b, None, vid))
+            continue
         union(ea, eb)
         for e in (ea, eb):
             if nodes[e[0]].kind == "switch":
-                union(e, (e[0], None))  # every port of a switch is one domain
+                # the ports of a switch in one VLAN are one domain
+                union(e, (e[0], None, ln.vlan or DEFAULT_VLAN))
     groups: dict = {}
     for e in order:
         if nodes[e[0]].kind != "switch":

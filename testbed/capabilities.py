@@ -70,9 +70,16 @@ class Capabilities:
             out.append("delayline")
         return out
 
+    @property
+    def vlan_backend(self) -> str:
+        """How switches separate VLANs: real '802.1q' (vlan_filtering bridges), or
+        'bridges' (one bridge per VLAN, trunks over VXLAN; see testbed.kernel.vlan)."""
+        return "802.1q" if self.bridge_vlan_filtering else "bridges"
+
     def to_json(self) -> str:
         d = asdict(self)
         d["delay_backend"] = self.delay_backend
+        d["vlan_backend"] = self.vlan_backend
         return json.dumps(d, indent=2, sort_keys=True)
 
 
@@ -172,4 +179,7 @@ def report(caps: Capabilities) -> str:
         "delayline": " (netem missing: NFQUEUE delay line in a wire namespace)",
         "none": " (NO WAY to emulate delay or loss on this kernel)"}[backend])
     lines.append("rate backend: " + ("htb" if caps.qdiscs.get("htb") else "none (htb missing)"))
+    lines.append("vlan backend: " + ("802.1q (vlan_filtering bridges)" if caps.vlan_backend ==
+                                     "802.1q" else "bridges (802.1Q missing: one bridge per "
+                                     "VLAN, trunks over VXLAN)"))
     return "\n".join(lines)

@@ -76,6 +76,8 @@ class Context:
     def note_network(self, net) -> None:
         """Record which backends a network used (goes to env.json)."""
         self.backends.setdefault("delay", set()).add(net.delay_backend)
+        if net.vlan_backend != "none":
+            self.backends.setdefault("vlan", set()).add(net.vlan_backend)
         for v in net.backends["links"].values():
             self.backends.setdefault("link_backends", set()).add(v)
 

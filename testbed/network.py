@@ -29,6 +29,7 @@ from testbed.kernel import link as klink
 from testbed.kernel import netns as kns
 from testbed.kernel import qdisc as kqdisc
 from testbed.kernel import route as kroute
+from testbed.kernel import vlan as kvlan
 from testbed.process import Process, file_exists
 from testbed.run import batch, run
 from testbed.spec import LinkSpec
@@ -47,6 +48,7 @@ NODE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disa
                 "net.ipv4.tcp_rmem": "4096 131072 33554432",
                 "net.ipv4.tcp_wmem": "4096 16384 33554432"}
 BACKENDS = ("auto", "netem", "delayline")
+VLAN_BACKENDS = ("auto",) + kvlan.BACKENDS
 
 
 def ledger_path(run_id: str) -> str:
@@ -60,6 +62,7 @@ class Node:
         self.net, self.name, self.kind, self.ns = net, name, kind, ns
         self.procs: list = []
         self._count = 0
+        self._sysctl_saved: dict = {}  # key -> its value before the first set_sysctl()
 
     def __repr__(self) -> str:
         return f"<{self.kind} {self.name} ns={self.ns}>"
@@ -122,21 +125,166 @@ class Node:
     def ipr(self):
         return self.net._ipr(self.ns)
 
-    def add_route(self, dst: str, via: str) -> None:
-        """Add or replace a route (the change is recorded so it survives a link flap)."""
-        kroute.replace(self.ipr(), dst, via)
-        self.net._routes.setdefault(self.name, {})[dst] = via
+    def _ifindex(self, ifname: str) -> int:
+        """Kernel index of one of this node's interfaces (SpecError if it has no such one)."""
+        idx = klink.indexes(self.ipr()).get(ifname)
+        if idx is None:
+            raise SpecError(f"{self.name} has no interface {ifname!r}")
+        return idx
+
+    def _check_ip(self, ip: str, what: str = "address") -> str:
+        import ipaddress
+
+        try:
+            if ipaddress.ip_address(ip).version == 4:
+                return str(ip)
+        except ValueError:
+            pass
+        raise SpecError(f"{self.name}: bad IPv4 {what} {ip!r}")
+
+    def mac(self, ifname: str) -> str:
+        """The MAC address of one of this node's interfaces."""
+        idx = self._ifindex(ifname)
+        return self.ipr().get_links(idx)[0].get_attr("IFLA_ADDRESS")
+
+    def add_route(self, dst: str, via: Optional[str] = None, dev: Optional[str] = None) -> None:
+        """Add or replace the route to dst ('a.b.c.d/len' or 'default') via a next hop, out
+        of an interface (dev alone: an on-link route), or both. Recorded, so it survives a
+        link flap. Checked first: a bad address or unknown interface changes nothing."""
+        import ipaddress
+
+        if dst != "default":
+            try:
+                dst = str(ipaddress.IPv4Network(dst, strict=False))
+            except ValueError:
+                raise SpecError(f"{self.name}: bad route destination {dst!r}") from None
+        if via is None and dev is None:
+            raise SpecError(f"{self.name}: route {dst} needs a next hop (via) or a dev")
+        if via is not None:
+            self._check_ip(via, "next hop")
+        if dev is not None:
+            self._ifindex(dev)
+        kroute.replace(self.ipr(), dst, via, dev)
+        self.net._routes.setdefault(self.name, {})[dst] = (
+            via if dev is None else kroute.Nexthop(via, dev))
+
+    def replace_route(self, dst: str, via: Optional[str] = None,
+                      dev: Optional[str] = None) -> None:
+        """Replace the route to dst (add_route does exactly this: the name says the intent)."""
+        self.add_route(dst, via, dev)
 
     def del_route(self, dst: str) -> None:
         kroute.delete(self.ipr(), dst)
         self.net._routes.get(self.name, {}).pop(dst, None)
 
-    def routes(self) -> list:
-        return kroute.show(self.ipr())
+    def routes(self, detail: bool = False) -> list:
+        """[(dst, gateway)] of the main table; detail=True: dicts with dev, proto, metric."""
+        return kroute.show(self.ipr(), detail)
 
     def sysctl(self, key: str, value) -> str:
         """Set a sysctl in this node's namespace; returns the old value."""
         return kns.sysctl(self.ns, key, value)
+
+    def _read_sysctls(self, keys) -> dict:
+        """Current values; SpecError for a malformed key or one the namespace lacks."""
+        import re
+
+        for key in keys:
+            if not re.fullmatch(r"[A-Za-z0-9_-]+([./][A-Za-z0-9_.-]+)*", str(key)) or ".." in key:
+                raise SpecError(f"{self.name}: bad sysctl name {key!r}")
+        values = kns.read_sysctls(self.ns, keys)
+        missing = [k for k, v in values.items() if v is None]
+        if missing:
+            raise SpecError(f"{self.name}: no sysctl {missing[0]!r}")
+        return values
+
+    def set_sysctl(self, key: str, value) -> str:
+        """Set a sysctl and remember the value it had before the first change, for
+        restore_sysctls(); returns the value it had just before this call."""
+        old = self._read_sysctls([key])[key]
+        kns.sysctl(self.ns, key, value)
+        self._sysctl_saved.setdefault(key, old)
+        return old
+
+    def restore_sysctls(self) -> dict:
+        """Put back every sysctl set_sysctl() changed (the last changed first); returns
+        {key: restored value}."""
+        saved, self._sysctl_saved = self._sysctl_saved, {}
+        kns.sysctls(self.ns, dict(reversed(list(saved.items()))))
+        return saved
+
+    def sysctls(self, settings: dict):
+        """`with node.sysctls({"net.ipv4.ip_forward": 0}):` set for the block, then back to
+        the values they had before it (also on an exception). Yields the old values."""
+        from contextlib import contextmanager
+
+        old = self._read_sysctls(list(settings))  # every key checked before any is set
+
+        @contextmanager
+        def block():
+            try:
+                kns.sysctls(self.ns, settings)
+                yield dict(old)
+            finally:
+                kns.sysctls(self.ns, {k: old[k] for k in reversed(list(settings))})
+
+        return block()
+
+    # neighbours, proxy ARP, gratuitous ARP -------------------------------------------------
+    def proxy_arp(self, ifname: str, on: bool = True) -> None:
+        """Answer ARP requests on ifname for addresses this node routes out of another
+        interface (needs IP forwarding: a router), at once rather than after the kernel's
+        random proxy_delay. Recorded like set_sysctl(): restore_sysctls() undoes it."""
+        self._ifindex(ifname)
+        keys = {f"net/ipv4/conf/{ifname}/proxy_arp": int(bool(on))}
+        if on:
+            keys[f"net/ipv4/neigh/{ifname}/proxy_delay"] = 0
+        self._read_sysctls(list(keys))
+        for key, value in keys.items():
+            self.set_sysctl(key, value)
+
+    def neigh_add(self, ip: str, mac: str, ifname: str, permanent: bool = True) -> None:
+        """A static (permanent) neighbour entry ip -> mac on ifname, replacing any entry."""
+        from testbed.garp import MAC_RE
+        from testbed.kernel import neigh as kneigh
+
+        self._check_ip(ip)
+        if not MAC_RE.match(str(mac).lower()):
+            raise SpecError(f"{self.name}: bad MAC address {mac!r}")
+        kneigh.add(self.ipr(), ip, str(mac).lower(), self._ifindex(ifname), permanent)
+
+    def neigh_del(self, ip: str, ifname: str) -> bool:
+        """Delete the entry for ip on ifname; False if there was none."""
+        from testbed.kernel import neigh as kneigh
+
+        self._check_ip(ip)
+        return kneigh.delete(self.ipr(), ip, self._ifindex(ifname))
+
+    def neigh_flush(self, ifname: Optional[str] = None, permanent: bool = False) -> int:
+        """Flush the dynamic neighbour entries of ifname (or of every interface); permanent
+        ones too with permanent=True. Returns how many were removed."""
+        from testbed.kernel import neigh as kneigh
+
+        idx = None if ifname is None else self._ifindex(ifname)
+        return kneigh.flush(self.ipr(), idx, permanent)
+
+    def neighbours(self, ifname: Optional[str] = None) -> list:
+        """[{"ip", "mac", "dev", "state"}] of the ARP table (of ifname, or all)."""
+        from testbed.kernel import neigh as kneigh
+
+        idx = None if ifname is None else self._ifindex(ifname)
+        return kneigh.show(self.ipr(), idx)
+
+    def garp(self, ip: str, ifname: str, count: int = 3, interval_s: float = 0.1,
+             kind: str = "request", mac: Optional[str] = None) -> int:
+        """Send gratuitous ARPs (scapy-built; kind request, reply or both) announcing ip at
+        ifname's MAC (or mac) from inside this node; returns the frames sent."""
+        from testbed import garp
+
+        self._ifindex(ifname)
+        garp.check(ip, mac or "00:00:00:00:00:00", kind, count, interval_s)
+        return garp.send(ifname, ip, mac, ns=self.ns, count=count, interval_s=interval_s,
+                         kind=kind)
 
 
 class Link:
@@ -215,9 +363,14 @@ class Network:
     """`with Network(topo) as net:` builds the topology; leaving the block tears it down."""
 
     def __init__(self, topo: Union[Topology, Plan], backend: str = "auto",
-                 log_dir: Optional[str] = None, run_id: Optional[str] = None, seed=None):
+                 log_dir: Optional[str] = None, run_id: Optional[str] = None, seed=None,
+                 vlan_backend: str = "auto"):
         if backend not in BACKENDS:
             raise SpecError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        if vlan_backend not in VLAN_BACKENDS:
+            raise SpecError(f"vlan_backend must be one of {', '.join(VLAN_BACKENDS)}, "
+                            f"got {vlan_backend!r}")
+        self.requested_vlan_backend = vlan_backend
         self.plan = topo.plan() if isinstance(topo, Topology) else topo
         self.requested_backend = backend
         self.run_id = run_id or secrets.token_hex(3)
@@ -236,6 +389,7 @@ class Network:
         self._lock = threading.Lock()
         self.caps = None
         self.delay_backend = "none"
+        self.vlan_backend = "none"  # 802.1q or bridges, once a switch separates VLANs
         self.build_s = None
 
     # context manager -----------------------------------------------------------------------
@@ -260,13 +414,19 @@ class Network:
         except KeyError:
             raise SpecError(f"no link between {a} and {b}") from None
 
+    def switch(self, name: str) -> "Switch":
+        node = self[name]
+        if not isinstance(node, Switch):
+            raise SpecError(f"{name} is a {node.kind}, not a switch")
+        return node
+
     def ns_name(self, node: str) -> str:
         return f"{self.prefix}{node}"
 
     @property
     def backends(self) -> dict:
         """What emulated what, for env.json."""
-        return {"delay": self.delay_backend, "rate": "htb",
+        return {"delay": self.delay_backend, "rate": "htb", "vlan": self.vlan_backend,
                 "links": {f"{ln.spec.a}-{ln.spec.b}": ln.backend for ln in self.links.values()}}
 
     # preflight ---------------------------------------------------------------------------
@@ -290,6 +450,7 @@ class Network:
         if needs_delay and self.delay_backend == "none":
             raise CapabilityError("links ask for delay/loss but this kernel has neither netem "
                                   "nor NFQUEUE with br_netfilter (see `testbed doctor`)")
+        self._preflight_vlans()
         if needs_rate and not self.caps.qdiscs.get("htb"):
             raise CapabilityError("links ask for a rate but this kernel has no htb qdisc")
         for tool in ("ip", "tc", "nsenter"):
@@ -298,6 +459,23 @@ class Network:
         if (self.delay_backend == "delayline" and needs_delay
                 and not self.caps.tools.get("iptables")):
             raise CapabilityError("iptables is not installed (run `make setup`)")
+
+    def _preflight_vlans(self) -> None:
+        switches = [n for n, sp in self.plan.nodes.items()
+                    if sp.kind == "switch" and self.plan.vlan_aware(n)]
+        if not switches:
+            return
+        native = self.caps.bridge_vlan_filtering
+        want = self.requested_vlan_backend
+        if want == "auto":
+            want = kvlan.NATIVE if native else kvlan.BRIDGES
+        if want == kvlan.NATIVE and not native:
+            raise CapabilityError("vlan_backend 802.1q asked for, but this kernel's bridges "
+                                  "have no vlan_filtering (see `testbed doctor`)")
+        if (want == kvlan.BRIDGES and any(self.plan.trunks(n) for n in switches)
+                and not self.caps.links.get("vxlan")):
+            raise CapabilityError("trunks need 802.1Q or VXLAN; this kernel has neither")
+        self.vlan_backend = want
 
     # ledger --------------------------------------------------------------------------------
     def _write_ledger(self) -> None:
@@ -352,21 +530,28 @@ class Network:
 
         kns.create(self._namespaces)
         for name, spec in plan.nodes.items():
-            self.nodes[name] = Node(self, name, spec.kind, self.ns_name(name))
+            cls = Switch if spec.kind == "switch" else Node
+            self.nodes[name] = cls(self, name, spec.kind, self.ns_name(name))
 
         # links and bridges, in one ip process
         lines = []
         for name, spec in plan.nodes.items():
             if spec.kind == "switch":
-                lines.append(kbridge.create_line(name, self.ns_name(name)))
+                if plan.vlan_aware(name):
+                    lines += kvlan.create_lines(name, self.ns_name(name),
+                                                plan.switch_vlans(name), self.vlan_backend)
+                else:
+                    lines.append(kbridge.create_line(name, self.ns_name(name)))
         for ln in plan.links:
             na, nb = self.ns_name(ln.a), self.ns_name(ln.b)
+            # a trunk over VXLAN carries 1500-byte frames plus the encapsulation
+            mtu = kvlan.TRUNK_MTU if ln.trunk and self.vlan_backend == kvlan.BRIDGES else None
             if ln in wires:
                 w = wires[ln]
-                lines.append(klink.veth_line(ln.intf_a, na, kwire.PORT_A, w))
-                lines.append(klink.veth_line(ln.intf_b, nb, kwire.PORT_B, w))
+                lines.append(klink.veth_line(ln.intf_a, na, kwire.PORT_A, w, mtu))
+                lines.append(klink.veth_line(ln.intf_b, nb, kwire.PORT_B, w, mtu))
             else:
-                lines.append(klink.veth_line(ln.intf_a, na, ln.intf_b, nb))
+                lines.append(klink.veth_line(ln.intf_a, na, ln.intf_b, nb, mtu))
         batch("ip", lines)
 
         # per-node configuration over netlink sockets bound in each namespace: one dump
@@ -382,15 +567,13 @@ class Network:
             ipr = self._ipr(node.ns)
             idx = klink.indexes(ipr)
             ipr.link("set", index=idx["lo"], state="up")
+            if spec.kind == "switch":
+                self._configure_switch(name, ipr, idx)
+                continue
             for ifname in plan.interfaces(name):
-                if spec.kind == "switch":
-                    ipr.link("set", index=idx[ifname], master=idx[name], state="up")
-                    continue
                 if (name, ifname) in addrs:
                     klink.add_address(ipr, ifname, addrs[(name, ifname)], idx[ifname])
                 ipr.link("set", index=idx[ifname], state="up")
-            if spec.kind == "switch":
-                ipr.link("set", index=idx[name], state="up")
 
         # links: shaping on the nodes' egress, or a wire with its delay lines
         for ln in plan.links:
@@ -406,6 +589,39 @@ class Network:
         for name in self._routes:
             self._install_routes(name)
         self._wait_carrier()
+
+    def _configure_switch(self, name: str, ipr, idx: dict) -> None:
+        """Enslave the ports: to the one bridge, or by VLAN (see testbed.kernel.vlan)."""
+        plan, backend = self.plan, self.vlan_backend
+        if not plan.vlan_aware(name):
+            for ifname in plan.interfaces(name):
+                ipr.link("set", index=idx[ifname], master=idx[name], state="up")
+            ipr.link("set", index=idx[name], state="up")
+            return
+        access, trunks = plan.access_ports(name), plan.trunks(name)
+        for vid in plan.switch_vlans(name):
+            br = kvlan.bridge_name(name, vid, backend)
+            ipr.link("set", index=idx[br], state="up")
+        for ifname, vid in access.items():
+            br = kvlan.bridge_name(name, vid, backend)
+            ipr.link("set", index=idx[ifname], master=idx[br], state="up")
+            if backend == kvlan.NATIVE:
+                kvlan.native_port(ipr, idx[ifname], access_vid=vid)
+        vx_lines = []
+        for ifname, vids in trunks.items():
+            if backend == kvlan.NATIVE:
+                ipr.link("set", index=idx[ifname], master=idx[name], state="up")
+                kvlan.native_port(ipr, idx[ifname], trunk_vids=vids)
+                continue
+            i, ln = next((i, ln) for i, ln in enumerate(plan.trunk_links)
+                         if (ln.a, ln.intf_a) == (name, ifname)
+                         or (ln.b, ln.intf_b) == (name, ifname))
+            ua, ub = kvlan.trunk_underlay(i)
+            local, remote = (ua, ub) if ln.a == name else (ub, ua)
+            klink.add_address(ipr, ifname, local, idx[ifname])
+            ipr.link("set", index=idx[ifname], state="up")
+            vx_lines += kvlan.vxlan_lines(i, vids, local, remote, ifname)
+        batch("ip", vx_lines, netns=self.ns_name(name))
 
     def _wait_carrier(self, timeout: float = 5.0) -> None:
         """Wait until every interface is operationally up. Until the kernel's linkwatch has
@@ -544,6 +760,60 @@ class Network:
         return "\n".join(out)
 
 
+class Switch(Node):
+    """A switch: a Linux bridge, or one per VLAN (see testbed.kernel.vlan)."""
+
+    def __init__(self, net: "Network", name: str, kind: str, ns: str):
+        super().__init__(net, name, kind, ns)
+        self._access = dict(net.plan.access_ports(name))  # ifname -> VLAN, kept current
+
+    @property
+    def vlans(self) -> tuple:
+        return self.net.plan.switch_vlans(self.name)
+
+    def port(self, peer: str) -> str:
+        """The switch's interface toward node peer (or an interface name of the switch)."""
+        if peer in self.intfs:
+            return peer
+        for ln in self.net.plan.links:
+            if {ln.a, ln.b} == {self.name, peer}:
+                return ln.intf_a if ln.a == self.name else ln.intf_b
+        raise SpecError(f"switch {self.name} has no port toward {peer!r}")
+
+    def vlan_of(self, peer: str) -> int:
+        """The access VLAN of the port toward peer."""
+        ifname = self.port(peer)
+        if ifname not in self._access:
+            raise SpecError(f"{self.name} {ifname} is a trunk, not an access port")
+        return self._access[ifname]
+
+    def set_vlan(self, peer: str, vid: int) -> float:
+        """Move the access port toward peer into VLAN vid; returns the seconds it took.
+
+        Validated first (unknown VLAN, trunk port): a bad request changes nothing."""
+        from testbed.spec import check_vlan
+
+        check_vlan(vid, f"switch {self.name}")
+        old = self.vlan_of(peer)
+        ifname = self.port(peer)
+        if vid not in self.vlans:
+            raise SpecError(f"unknown VLAN {vid} on switch {self.name} (it has "
+                            f"{', '.join(map(str, self.vlans))}; declare more with "
+                            f"add_switch(..., vlans=[...]))")
+        if not self.net.plan.vlan_aware(self.name):  # only VLAN 1, and vid is 1
+            return 0.0
+        ipr = self.ipr()
+        idx = klink.indexes(ipr)
+        backend = self.net.vlan_backend
+        bridges = {v: idx[kvlan.bridge_name(self.name, v, backend)] for v in self.vlans}
+        t0 = time.perf_counter()
+        if vid != old:
+            kvlan.move(ipr, idx[ifname], old, vid, backend, bridges)
+        took = time.perf_counter() - t0
+        self._access[ifname] = vid
+        return took
+
+
 def _kill_in(namespaces: list) -> None:
     """KILL whatever still runs inside these namespaces (children that escaped their group)."""
     deadline = time.monotonic() + 5
@@ -559,4 +829,4 @@ def _kill_in(namespaces: list) -> None:
         time.sleep(0.02)
 
 
-__all__ = ["Network", "Node", "Link"]
+__all__ = ["Network", "Node", "Link", "Switch"]

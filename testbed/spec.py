@@ -19,6 +19,7 @@ NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 IFNAMSIZ = 15  # the kernel's limit on interface names (16 bytes with the NUL)
 MAX_RATE_MBIT = 100_000.0  # 100 Gbit/s: above that a veth cannot be shaped meaningfully
 MAX_DELAY_MS = 60_000.0  # one minute one way
+DEFAULT_VLAN = 1  # a switch port's VLAN unless the link says otherwise (like a PVID of 1)
 
 Number = Union[int, float, str]
 
@@ -147,17 +148,37 @@ class Shaping:
         return self.rate_mbit is None and not self.needs_delay and self.queue_pkts is None
 
 
+def check_vlan(vid, where: str) -> int:
+    """A VLAN id: a whole number from 1 to 4094 (0 and 4095 are reserved by 802.1Q)."""
+    if isinstance(vid, bool) or not isinstance(vid, int) or not 1 <= vid <= 4094:
+        raise SpecError(f"{where}: VLAN id must be a whole number from 1 to 4094, got {vid!r}")
+    return vid
+
+
+def check_vlans(vids, where: str) -> tuple:
+    """A sorted tuple of distinct VLAN ids."""
+    if isinstance(vids, (int, str)) or not hasattr(vids, "__iter__"):
+        raise SpecError(f"{where}: want a list of VLAN ids, got {vids!r}")
+    out = [check_vlan(v, where) for v in vids]
+    if len(set(out)) != len(out):
+        raise SpecError(f"{where}: VLAN ids repeat in {list(vids)!r}")
+    return tuple(sorted(out))
+
+
 @dataclass(frozen=True)
 class NodeSpec:
     name: str
     kind: str = "host"
     sysctls: tuple = ()  # ((key, value), ...) set in the node's namespace
+    vlans: tuple = ()  # switches: VLANs declared up front (ports may move into them later)
 
     def __post_init__(self):
         check_name(self.name)
         if self.kind not in NODE_KINDS:
             raise SpecError(f"node {self.name}: unknown kind {self.kind!r} "
                             f"(one of {', '.join(NODE_KINDS)})")
+        if self.vlans and self.kind != "switch":
+            raise SpecError(f"node {self.name}: only switches have VLANs")
 
 
 @dataclass(frozen=True)
@@ -173,6 +194,8 @@ class LinkSpec:
     ip_a: Optional[str] = None  # "10.0.0.1/24", or None for automatic addressing
     ip_b: Optional[str] = None
     emulate: bool = False  # build a delay line even with no delay, for runtime changes
+    vlan: Optional[int] = None  # access VLAN of the switch end(s); None: DEFAULT_VLAN
+    trunk: tuple = ()  # between two switches: the VLANs this trunk carries
 
     @property
     def key(self) -> frozenset:

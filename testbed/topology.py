@@ -8,7 +8,8 @@ from typing import Optional
 
 from testbed import addressing
 from testbed.errors import SpecError
-from testbed.spec import LinkSpec, NodeSpec, RouteSpec, Shaping, check_ifname
+from testbed.spec import (DEFAULT_VLAN, LinkSpec, NodeSpec, RouteSpec, Shaping, check_ifname,
+                          check_vlan, check_vlans)
 
 _SHAPING_KEYS = {"rate", "delay", "jitter", "loss", "queue_pkts",
                  "rate_mbit", "delay_ms", "jitter_ms", "loss_pct"}
@@ -42,6 +43,49 @@ class Plan:
         """node's interface names, in link order."""
         return self._interfaces.get(node, [])
 
+    # VLANs ---------------------------------------------------------------------------------
+    def vlan_aware(self, switch: str) -> bool:
+        """True if the switch separates VLANs (any VLAN but the default, or a trunk)."""
+        return self.switch_vlans(switch) != (DEFAULT_VLAN,) or bool(self.trunks(switch))
+
+    def switch_vlans(self, switch: str) -> tuple:
+        """Every VLAN the switch has: declared, on access ports, or on trunks."""
+        return self._vlans.get(switch, {}).get("vids", ())
+
+    def access_ports(self, switch: str) -> dict:
+        """ifname -> VLAN of the switch's access ports."""
+        return self._vlans.get(switch, {}).get("access", {})
+
+    def trunks(self, switch: str) -> dict:
+        """ifname -> VLANs carried, for the switch's trunk ports."""
+        return self._vlans.get(switch, {}).get("trunk", {})
+
+    @cached_property
+    def trunk_links(self) -> tuple:
+        """The links that are trunks, in link order (their index numbers the underlay)."""
+        return tuple(ln for ln in self.links if ln.trunk)
+
+    @cached_property
+    def _vlans(self) -> dict:
+        out: dict = {}
+        for name, spec in self.nodes.items():
+            if spec.kind == "switch":
+                out[name] = {"access": {}, "trunk": {}, "vids": set(spec.vlans)}
+        for ln in self.links:
+            for node, ifname in ((ln.a, ln.intf_a), (ln.b, ln.intf_b)):
+                if node not in out:
+                    continue
+                if ln.trunk:
+                    out[node]["trunk"][ifname] = ln.trunk
+                    out[node]["vids"].update(ln.trunk)
+                else:
+                    vid = ln.vlan or DEFAULT_VLAN
+                    out[node]["access"][ifname] = vid
+                    out[node]["vids"].add(vid)
+        for v in out.values():
+            v["vids"] = tuple(sorted(v["vids"])) or (DEFAULT_VLAN,)
+        return out
+
     @cached_property
     def _interfaces(self) -> dict:
         out: dict = {}
@@ -63,10 +107,12 @@ class Topology:
         self._ifcount: dict = {}
 
     # nodes
-    def add_node(self, name: str, kind: str = "host", sysctls: Optional[dict] = None) -> str:
+    def add_node(self, name: str, kind: str = "host", sysctls: Optional[dict] = None,
+                 vlans=()) -> str:
         if name in self._nodes:
             raise SpecError(f"duplicate node name {name!r}")
-        self._nodes[name] = NodeSpec(name, kind, tuple(sorted((sysctls or {}).items())))
+        vids = check_vlans(vlans, f"switch {name}") if vlans else ()
+        self._nodes[name] = NodeSpec(name, kind, tuple(sorted((sysctls or {}).items())), vids)
         self._ifcount[name] = 0
         return name
 
@@ -76,23 +122,47 @@ class Topology:
     def add_router(self, name: str, **kw) -> str:
         return self.add_node(name, "router", **kw)
 
-    def add_switch(self, name: str, **kw) -> str:
-        return self.add_node(name, "switch", **kw)
+    def add_switch(self, name: str, vlans=(), **kw) -> str:
+        """A learning switch (a Linux bridge). vlans: VLANs it has from the start, beyond
+        those its links use, so that ports can be moved into them at runtime."""
+        return self.add_node(name, "switch", vlans=vlans, **kw)
 
     # links
     def add_link(self, a: str, b: str, *, ip_a: Optional[str] = None, ip_b: Optional[str] = None,
                  intf_a: Optional[str] = None, intf_b: Optional[str] = None,
                  a_to_b: Optional[dict] = None, b_to_a: Optional[dict] = None,
-                 emulate: bool = False, **params) -> LinkSpec:
+                 emulate: bool = False, vlan: Optional[int] = None, trunk=None,
+                 **params) -> LinkSpec:
         """Link a and b. rate/delay/jitter/loss/queue_pkts apply to each direction (so RTT is
         twice the delay); a_to_b / b_to_a override per direction. emulate=True prepares the
-        link for delay/loss set at runtime even if it starts with none."""
+        link for delay/loss set at runtime even if it starts with none.
+
+        vlan=N makes the switch end an access port of VLAN N (default 1); trunk=[N, ...]
+        joins two switches by a trunk carrying those VLANs."""
         for n in (a, b):
             if n not in self._nodes:
                 raise SpecError(f"link {a}-{b}: unknown node {n!r}")
         if a == b:
             raise SpecError(f"link {a}-{b}: a node cannot link to itself")
         where = f"link {a}-{b}"
+        switches = [n for n in (a, b) if self._nodes[n].kind == "switch"]
+        if vlan is not None:
+            vlan = check_vlan(vlan, where)
+            if not switches:
+                raise SpecError(f"{where}: vlan= needs a switch at one end")
+        if trunk is not None:
+            trunk = check_vlans(trunk, f"{where}: trunk")
+            if not trunk:
+                raise SpecError(f"{where}: a trunk carries at least one VLAN")
+        else:
+            trunk = ()
+        if trunk:
+            if len(switches) != 2:
+                raise SpecError(f"{where}: a trunk joins two switches")
+            if vlan is not None:
+                raise SpecError(f"{where}: give vlan= (access) or trunk=, not both")
+            if ip_a or ip_b:
+                raise SpecError(f"{where}: a trunk takes no addresses")
         base = dict(params)
         fwd = _shaping({**base, **(a_to_b or {})}, where)
         rev = _shaping({**base, **(b_to_a or {})}, where)
@@ -101,7 +171,7 @@ class Topology:
         for n, i in ((a, ia), (b, ib)):
             if i in self.interfaces_of(n):
                 raise SpecError(f"{where}: duplicate interface {i} on {n}")
-        spec = LinkSpec(a, b, ia, ib, fwd, rev, ip_a, ip_b, bool(emulate))
+        spec = LinkSpec(a, b, ia, ib, fwd, rev, ip_a, ip_b, bool(emulate), vlan, trunk)
         self._links.append(spec)
         self._ifcount[a] += 1
         self._ifcount[b] += 1
@@ -129,8 +199,27 @@ class Topology:
         if not self._nodes:
             raise SpecError(f"topology {self.name!r} has no nodes")
         addressing.check_routes(self._nodes, self._routes)
+        self._check_trunks()
         addr = addressing.assign(self._nodes, self._links, self._routes, self.auto_routes)
         return Plan(self.name, dict(self._nodes), tuple(self._links), addr)
+
+    def _check_trunks(self) -> None:
+        """A VLAN on both ends of a trunk must be carried by it (VLAN ids are network-wide)."""
+        vids: dict = {}
+        for n, spec in self._nodes.items():
+            if spec.kind == "switch":
+                vids[n] = set(spec.vlans)
+        for ln in self._links:
+            if not ln.trunk:
+                for n in (ln.a, ln.b):
+                    if n in vids:
+                        vids[n].add(ln.vlan or DEFAULT_VLAN)
+        for ln in self._links:
+            if ln.trunk:
+                missing = sorted((vids[ln.a] & vids[ln.b]) - set(ln.trunk))
+                if missing:
+                    raise SpecError(f"link {ln.a}-{ln.b}: VLAN {missing[0]} is on both switches "
+                                    f"but the trunk does not carry it (trunk={list(ln.trunk)})")
 
     # Mininet compatibility
     @classmethod

@@ -7,9 +7,11 @@ from typing import Iterable
 from testbed.run import batch
 
 
-def veth_line(name_a: str, ns_a: str, name_b: str, ns_b: str) -> str:
+def veth_line(name_a: str, ns_a: str, name_b: str, ns_b: str, mtu=None) -> str:
     """An `ip -batch` line creating a veth pair straight into two namespaces (never in root)."""
-    return f"link add name {name_a} netns {ns_a} type veth peer name {name_b} netns {ns_b}"
+    m = f" mtu {mtu}" if mtu else ""
+    return (f"link add name {name_a} netns {ns_a}{m} type veth "
+            f"peer name {name_b} netns {ns_b}{m}")
 
 
 def create_veths(pairs: Iterable[tuple]) -> None:
