@@ -87,13 +87,20 @@ def assign(nodes: dict, links: list, user_routes: list, auto_routes: bool) -> Ad
                 if nodes[node].kind == "switch":
                     raise SpecError(f"link {ln.a}-{ln.b}: switch {node} takes no address")
                 explicit[(node, ifname)] = parse_interface_address(ip, f"{node} {ifname}")
+    groups = _segments(nodes, links)
+    domain = {e: i for i, eps in enumerate(groups) for e in eps}
+    # One address twice is a conflict, except in two separate broadcast domains that use
+    # the same subnet on purpose: twin sites on two VLANs (paper 001's main and backup).
     seen: dict = {}
     for ep, iface in explicit.items():
         if iface.ip in seen:
-            raise SpecError(f"duplicate address {iface.ip} on {seen[iface.ip][0]} and {ep[0]}")
-        seen[iface.ip] = ep
-
-    groups = _segments(nodes, links)
+            other = seen[iface.ip]
+            twin = (domain[other] != domain[ep]
+                    and explicit[other].network == iface.network)
+            if not twin:
+                raise SpecError(f"duplicate address {iface.ip} on {other[0]} and {ep[0]}")
+        else:
+            seen[iface.ip] = ep
     used = [iface.network for iface in explicit.values()]
     addresses: dict = {}
     segments = []
