@@ -14,14 +14,16 @@ from testbed.process import listening
 def iperf3(client, server, seconds: float = 5, udp: bool = False,
            rate_mbit: Optional[float] = None, reverse: bool = False, port: int = 5201,
            interval: float = 1.0, omit: float = 0, window: Optional[str] = None,
-           congestion: Optional[str] = None, extra: tuple = ()) -> pd.DataFrame:
+           congestion: Optional[str] = None, extra: tuple = (),
+           dst: Optional[str] = None) -> pd.DataFrame:
     """Run iperf3 from client to server (Node objects). One row per reporting interval:
     t_start, t_end, bits_per_second, bytes, retransmits (TCP). df.attrs holds the totals:
     sender_bps, receiver_bps (the goodput), retransmits; for UDP lost_percent, packets and
-    lost_packets as the server counted them."""
+    lost_packets as the server counted them. dst: the address to connect to (default
+    server.ip_toward(client)), e.g. the server's end of a tunnel."""
     srv = server.start(["iperf3", "-s", "-1", "-p", str(port)], name=f"iperf3-s{port}",
                        ready=listening(server.ns, port))
-    argv = ["iperf3", "-c", server.ip_toward(client), "-p", str(port), "-J",
+    argv = ["iperf3", "-c", dst or server.ip_toward(client), "-p", str(port), "-J",
             "-t", f"{seconds:g}", "-i", f"{interval:g}"]
     if omit:
         argv += ["-O", f"{omit:g}"]
