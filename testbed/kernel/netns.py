@@ -86,9 +86,15 @@ def ipr(name: str) -> IPRoute:
         return IPRoute()
 
 
+def sysctl_path(key: str) -> str:
+    """/proc/sys path of a dotted key, or of a slash-separated one (`net/ipv4/conf/eth0.10/
+    proxy_arp`: the form to use when an interface name has a dot)."""
+    return "/proc/sys/" + (key if "/" in key else key.replace(".", "/"))
+
+
 def sysctl(name: str, key: str, value) -> str:
     """Set a sysctl (dotted key) inside namespace `name`; return the previous value."""
-    p = "/proc/sys/" + key.replace(".", "/")
+    p = sysctl_path(key)
     with enter(name):
         try:
             with open(p) as f:
@@ -100,13 +106,26 @@ def sysctl(name: str, key: str, value) -> str:
     return old
 
 
+def read_sysctls(name: str, keys: Iterable[str]) -> dict:
+    """Current values of sysctls inside namespace `name` (dotted keys, or slash-separated
+    for keys whose interface name has a dot); None for a key that does not exist there."""
+    out = {}
+    with enter(name):
+        for key in keys:
+            try:
+                with open(sysctl_path(key)) as f:
+                    out[key] = f.read().strip()
+            except OSError:
+                out[key] = None
+    return out
+
+
 def sysctls(name: str, settings: dict) -> None:
     """Set several sysctls inside namespace `name`, entering it once."""
     with enter(name):
         for key, value in settings.items():
-            p = "/proc/sys/" + key.replace(".", "/")
             try:
-                with open(p, "w") as f:
+                with open(sysctl_path(key), "w") as f:
                     f.write(str(value))
             except OSError as e:
                 raise TestbedError(f"sysctl {key}={value} in {name}: {e.strerror}") from None
