@@ -4,10 +4,12 @@ TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/python -m pytest
 
 # What runs inside the full-kernel VM (Debian's stock kernel under qemu TCG, ~10x slower
-# than native): the kernel tier, every experiment's smoke run on the native backends, and
-# the netem-vs-delay-line agreement test. Readiness timeouts are scaled for the slow VM.
-FULLKERNEL_TESTS := tests/kernel tests/e2e/test_experiments_smoke.py \
-	tests/e2e/test_link_emulation.py::test_backends_agree_on_delay_and_loss
+# than native): the tests marked `fullkernel`, those whose path depends on the kernel
+# (capabilities, 802.1Q VLANs, GRE/IPIP tunnels, native schedulers, netem vs the delay
+# line, and the smoke runs of the experiments that use them). Kernel-agnostic tests
+# (lifecycle, routing, FRR, the systems under test) run on the host only. Readiness
+# timeouts are scaled for the slow VM.
+FULLKERNEL_TESTS := -m fullkernel --durations=10 tests/kernel tests/e2e
 
 .PHONY: setup reproduce reproduce-full test test-host test-fullkernel test-unit doctor cleanup lint
 

@@ -142,6 +142,7 @@ def test_backend_recorded():
     assert b["links"]["h1-h2"] == b["delay"]
 
 
+@pytest.mark.fullkernel
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs netem and the delay line side by side: "
                     "runs on the full kernel (make test-fullkernel)")
 def test_backends_agree_on_delay_and_loss():

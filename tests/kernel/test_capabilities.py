@@ -6,7 +6,11 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from testbed import capabilities
+
+pytestmark = [pytest.mark.kernel, pytest.mark.fullkernel]
 
 
 def test_probe_finds_the_basics_and_cleans_up(root_state):

@@ -13,7 +13,7 @@ from testbed.network import Network
 from testbed.process import log_matches
 from testbed.topology import Topology
 
-pytestmark = pytest.mark.kernel
+pytestmark = [pytest.mark.kernel, pytest.mark.fullkernel]
 
 ADDR = {"a": "10.5.0.1/24", "b": "10.5.0.2/24", "c": "10.5.0.3/24", "d": "10.5.0.4/24"}
 
