@@ -116,12 +116,12 @@ def test_changeover_moves_the_host_and_its_tcp_connection_survives(net, wait_unt
         seen["reach_c"] = ping(a, ip("c"))
         seen["to1"] = sw.set_vlan("a", 1)
 
-    sent, got = measure.tcp_stream(a, c, port=5601, rate_mbit=20, seconds=3,
+    sent, got = measure.tcp_stream(a, c, port=5601, rate_mbit=5, seconds=3,
                                    during=move_and_back)
     assert seen["reach_d"] and not seen["reach_c"], seen
     assert 0 <= seen["to2"] < 1 and 0 <= seen["to1"] < 1
     assert not sent["reset"] and not got["reset"]
-    assert sent["bytes"] == got["bytes"] > 1_000_000
+    assert sent["bytes"] == got["bytes"] > 100_000
     assert sent["sha256"] == got["sha256"]
     assert got["peer"] == sent["local"]  # one connection, the same 4-tuple throughout
 
