@@ -29,7 +29,7 @@ test-host: setup
 	$(PYTEST) -q -ra tests
 
 test-fullkernel: setup
-	python3 scripts/fullkernel.py --timeout 2700 -- env TESTBED_TIMEOUT_SCALE=10 \
+	python3 scripts/fullkernel.py --timeout 2700 -- env TESTBED_TIMEOUT_SCALE=10 TESTBED_NATIVE_ONLY=1 \
 		$(VENV)/bin/python -m pytest -q -ra -p no:cacheprovider $(FULLKERNEL_TESTS)
 
 test-unit: setup
