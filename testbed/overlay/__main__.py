@@ -1,0 +1,7 @@
+"""`python -m testbed.overlay ...`: the overlay daemon (see daemon.py)."""
+
+import sys
+
+from testbed.overlay.daemon import main
+
+sys.exit(main())
