@@ -36,7 +36,8 @@ and unreliable datagrams.
 Nothing a peer or client sends can raise out of the loop: bad datagrams are dropped and
 counted by reason (stats "drops"), bad client frames get an error frame.
 Exit codes: 0 on SIGTERM/SIGINT (after flooding an LSA without links), 1 if a socket
-cannot be set up, 2 for bad arguments (nothing created).
+cannot be set up, 2 for bad arguments (nothing created). With TESTBED_OVERLAY_PROFILE_DIR
+set, the daemon runs under cProfile and writes overlay-<id>.prof there when it stops.
 """
 
 from __future__ import annotations
@@ -1360,10 +1361,20 @@ def main(argv=None) -> int:
         with open(ready + ".tmp", "w") as f:
             f.write(f"{os.getpid()}\n")
         os.replace(ready + ".tmp", ready)
+    profile_dir = os.environ.get("TESTBED_OVERLAY_PROFILE_DIR")
+    prof = None
+    if profile_dir:  # where the CPU goes: cProfile stats written at exit
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     try:
         d.run()
     except Stop:
         d.goodbye()
     finally:
         d.close()
+        if prof is not None:
+            prof.disable()
+            prof.dump_stats(os.path.join(profile_dir, f"overlay-{d.id}.prof"))
     return 0

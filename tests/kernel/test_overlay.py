@@ -169,6 +169,34 @@ def test_reliable_session_exactly_once_in_order_under_loss(chain, loss_pct, n):
         net.link("c", "d").set(loss_pct=0)
 
 
+def test_congestion_stamps_slow_the_sender_down(chain):
+    """c-d limited to 5 Mbit/s with a 30-packet queue, a sending as fast as it can: c's link
+    window to d backs off on the queue's drops, the messages c holds for d pile up beyond
+    it, c stamps them, f acknowledges them as congested and a's session window backs off,
+    so the queue at c stays bounded (no message dropped there) and the stream stays intact."""
+    net, ov = chain
+    n, port = 1000, 150
+    net.link("c", "d").set(rate_mbit=5, queue_pkts=30)
+    try:
+        rx = ov.client("f").socket(port)
+        tx = ov.client("a").socket(port)
+        r = Receiver(rx, n)
+        digest = send_stream(tx, (ov.id("f"), port), n, 1000)
+        r.join(60 * TIMEOUT_SCALE)
+        assert seqs(r.got) == list(range(n))
+        assert hashlib.sha256(b"".join(r.got)).hexdigest() == digest
+        session = [s for s in ov.stats("a")["sessions"] if s["port"] == port][0]
+        assert session["congestion_acks"] > 0
+        assert ov.stats("f")["counters"].get("stamped_rx", 0) > 0
+        cd = link_stats(ov, "c", "d")
+        assert cd.get("queue_drops", 0) == 0
+        assert cd["reliable"]["retransmitted"] > 0  # the 30-packet queue did overflow
+        tx.close()
+        rx.close()
+    finally:
+        net.link("c", "d").set(rate_mbit=None, queue_pkts=None)
+
+
 def test_link_protocols_under_loss(chain):
     """Datagrams over best-effort links lose what the link loses; over reliable links the
     hop recovers them all."""
@@ -291,6 +319,20 @@ def test_mesh_reroutes_around_a_killed_daemon(mesh):
     assert not ov.neighbours("a")["b"]["up"]
     with pytest.raises(OverlayError, match=f"no route to overlay node {ov.id('b')}"):
         ov.client("a").socket(501).sendto(b"x", (ov.id("b"), 501))
+
+    # b comes back (a new incarnation: new nonces, new link state) and is used again
+    ov.start("b")
+    ov.wait_converged(timeout=10)
+    assert ov.path("a", "f") == ["a", "b", "f"]
+    assert ov.neighbours("a")["b"]["downs"] == 1
+    # a graceful stop floods a goodbye: routes move at once, not after the dead interval
+    t0 = time.monotonic()
+    ov.stop("b", kill=False)
+    while "b" in (ov.path("a", "f") or ["b"]) and time.monotonic() - t0 < 5:
+        time.sleep(0.005)
+    took = time.monotonic() - t0
+    assert ov.path("a", "f") == ["a", "c", "d", "f"]
+    assert took < HELLO_MS / 1000 * 1.5, took  # well inside the 2.5-interval dead time
 
 
 def _raw_from_x(net, dst_ip: str, port: int, datagrams: list) -> None:
