@@ -23,6 +23,9 @@ KINDS = ("vxlan", "gre", "ipip")
 OVERHEAD = {"vxlan": 50, "gre": 24, "ipip": 20}
 VXLAN_PORT = 4789  # IANA
 TTL = 64  # outer TTL (the default "inherit" would copy the inner packet's)
+#: Made by the kernel in every namespace once the gre/ipip modules are loaded: not tunnels
+#: of ours, and the reason our devices are never called gre0 or tunl0.
+FALLBACK = ("gre0", "gretap0", "erspan0", "tunl0", "sit0", "ip6tnl0", "ip6gre0")
 
 
 def overhead(kind: str, key: Optional[int] = None) -> int:
@@ -76,14 +79,15 @@ def exists(ns: str, name: str) -> bool:
 
 
 def show(ns: str) -> list:
-    """The tunnel devices of namespace ns (vxlan, gre, ipip, tun), one dict each: name, kind,
-    mtu, state, local, remote, id (VNI, GRE key, or None), addresses ['a.b.c.d/len']."""
+    """The tunnel devices of namespace ns (vxlan, gre, ipip, tun; not the kernel's fallback
+    devices), one dict each: name, kind, mtu, state, local, remote, id (VNI, GRE key, or
+    None), addresses ['a.b.c.d/len']."""
     out = run(["ip", "-n", ns, "-d", "-j", "address", "show"]).stdout
     found = []
     for ln in json.loads(out or "[]"):
         info = ln.get("linkinfo", {})
         kind = info.get("info_kind")
-        if kind not in KINDS + ("tun",):
+        if kind not in KINDS + ("tun",) or ln["ifname"] in FALLBACK:
             continue
         data = info.get("info_data", {})
         found.append({
