@@ -32,6 +32,7 @@ import time
 from typing import Optional
 
 from testbed.errors import SpecError, TestbedError
+from testbed.overlay.client import OverlayError, OverlayTimeout, connect
 from testbed.overlay.linkstate import COSTS
 
 DEFAULT_PORT = 8100
@@ -140,15 +141,11 @@ class Overlay:
     # clients and state --------------------------------------------------------------------
     def client(self, node: str, timeout: float = 5.0):
         """A client.Connection to node's daemon (closed by close())."""
-        from testbed.overlay.client import connect
-
         c = connect(self.control_path(node), timeout)
         self._clients.append(c)
         return c
 
     def _ask(self, node: str, op: str) -> dict:
-        from testbed.overlay.client import connect
-
         with connect(self.control_path(node)) as c:
             return c.request(op)
 
@@ -331,4 +328,5 @@ def start_overlay(net, nodes=None, links=None, key: Optional[bytes] = None,
     return ov
 
 
-__all__ = ["Overlay", "start_overlay", "DEFAULT_PORT", "COSTS"]
+__all__ = ["Overlay", "start_overlay", "connect", "OverlayError", "OverlayTimeout",
+           "DEFAULT_PORT", "COSTS"]

@@ -77,7 +77,7 @@ E2E_WINDOW = 2048
 REORDER_LIMIT = 4096
 PENDING_LIMIT = 256  # messages a session holds before the client's reads pause
 CLIENT_BACKLOG = 8192  # frames queued to a slow client before it loses data / acks stop
-E2E_ACK_DELAY = 0.01
+E2E_ACK_DELAY = 0.05  # leftovers are acknowledged this late (about RTT / 2 on a WAN path)
 LINGER_S = 30.0  # a closed socket's sessions keep retransmitting this long
 RECV_IDLE_S = 300.0
 LOSS_ALPHA = 1 / 16
@@ -122,11 +122,11 @@ class Timers:
 
 
 def link_rtt_estimator() -> RttEstimator:
-    """A link's retransmission timer: RTT-based with 5 ms of slack for batched acks, at
+    """A link's retransmission timer: RTT-based with 10 ms of slack for batched acks, at
     least 20 ms, backing off to at most 8x (a link's loss is not an outage: the hello
     protocol, not the timer, decides that a neighbour is gone). The 20 ms floor keeps a
     daemon descheduled for a few ms on a busy machine from resending a whole window."""
-    return RttEstimator(init_rto=0.2, min_rto=0.02, max_rto=0.5, granularity=0.005,
+    return RttEstimator(init_rto=0.2, min_rto=0.02, max_rto=0.5, granularity=0.01,
                         max_backoff=8)
 
 
@@ -214,8 +214,12 @@ class SendSession:
             if sid and sid not in d.sessions_by_id:
                 break
         self.sid = sid
+        # over reliable links messages overtake each other (a hop resends a lost one while
+        # later ones go on): only a timeout, or a reroute, means a loss. Over best-effort
+        # and real-time links a path does not reorder: a later message acknowledged means
+        # an earlier one is lost (as RACK treats it)
         self.sr = SRSender(cc=True, fast_retransmit=self.proto != RELIABLE, window=E2E_WINDOW,
-                           dupthresh=3,
+                           dupthresh=1,
                            rtt=RttEstimator(init_rto=1.0, min_rto=0.2, max_rto=2.0,
                                             granularity=0.02))
         self.pending: collections.deque = collections.deque()
@@ -519,14 +523,14 @@ class Daemon:
                     self.route_out(typ, body, now, budget, t_in)
             if self.flood or self.sync_to:
                 self.do_flood(now)
+            while self.sessions_due:
+                self.sessions_due.pop().pump(now)
+            while self.pump_due:  # data first, then the acks of what arrived
+                self.pump(self.pump_due.pop(), now)
             if self.ack_due:
                 for nb in self.ack_due:
                     self.send_link_acks(nb)
                 self.ack_due.clear()
-            while self.pump_due:
-                self.pump(self.pump_due.pop(), now)
-            while self.sessions_due:
-                self.sessions_due.pop().pump(now)
         except Exception:
             self.internal_error("flush")
 
@@ -804,8 +808,16 @@ class Daemon:
                 stamp = min(255, excess * 255 // STAMP_FULL)
                 if stamp > body[wire.OFF_STAMP]:
                     body[wire.OFF_STAMP] = stamp
-            q.append((typ, body))
-            self.pump_due.add(nb)
+            if not q and nb.up and nb.rel.can_send():  # the window is open: no queueing
+                seq = nb.rel.new((typ, body))
+                wire.LINK_SEQ.pack_into(body, wire.OFF_LINK_SEQ, seq)
+                nb.rel.transmitted(seq, now)
+                nb.c["data_tx"] += 1
+                self.send(nb, typ, body)
+                self.arm_link_timer(nb)
+            else:
+                q.append((typ, body))
+                self.pump_due.add(nb)
         elif proto == REALTIME:
             self.rt_send(nb, typ, body, now if t_in is None else t_in, budget, now)
         else:
@@ -986,7 +998,10 @@ class Daemon:
             conn.deliver(src, sport, body[start:])
             return
         sid, seq, wnd, sts = wire.SESSION.unpack_from(body, wire.ROUTED.size)
-        ack_proto = RELIABLE if proto == RELIABLE else BEST_EFFORT
+        # end-to-end acks go best effort whatever the data used: each one is cumulative
+        # with a SACK bitmap, so the next one repairs a lost one, and they stay light (no
+        # per-hop acks of acks)
+        ack_proto = BEST_EFFORT
         if conn is None:
             self.c["no_port"] += 1
             self.send_e2e_ack(src, sport, dport, sid, 0, b"", sts, wire.ACK_NOPORT,
