@@ -19,7 +19,8 @@ topology's links between two overlay nodes; give `links=[("a", "c"), ...]` for o
 underlay must route between their addresses). Every daemon listens on UDP `port` on all
 its addresses and gets its neighbours' addresses on the segment they share (else their
 first address). The shared HMAC key (random unless given) goes to a 0600 file in the run's
-log directory; control sockets and ready files are there too.
+log directory; control sockets and ready files are there too, named by the port, so two
+overlays (on two ports) can share a network.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import secrets
 import signal
 import sys
 import time
+import weakref
 from typing import Optional
 
 from testbed.errors import SpecError, TestbedError
@@ -36,6 +38,7 @@ from testbed.overlay.client import OverlayError, OverlayTimeout, connect
 from testbed.overlay.linkstate import COSTS
 
 DEFAULT_PORT = 8100
+_running: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # net -> [Overlay]
 
 
 class Overlay:
@@ -66,10 +69,10 @@ class Overlay:
 
     def control_path(self, node: str) -> str:
         self.id(node)
-        return os.path.join(self.net.log_dir, f"{node}.overlay.sock")
+        return os.path.join(self.net.log_dir, f"{node}.overlay{self.port}.sock")
 
     def ready_path(self, node: str) -> str:
-        return os.path.join(self.net.log_dir, f"{node}.overlay.ready")
+        return os.path.join(self.net.log_dir, f"{node}.overlay{self.port}.ready")
 
     def neighbours_of(self, node: str) -> list:
         return [b if a == node else a for a, b in self.links if node in (a, b)]
@@ -97,7 +100,7 @@ class Overlay:
                     os.unlink(self.ready_path(n))
                 except FileNotFoundError:
                     pass
-                p = self.net[n].start(self.argv(n), name="overlay")
+                p = self.net[n].start(self.argv(n), name=f"overlay{self.port}")
                 self.procs[n] = p
                 started.append(n)
             for n in nodes:
@@ -318,13 +321,18 @@ def start_overlay(net, nodes=None, links=None, key: Optional[bytes] = None,
     for n in nodes:
         for other in [b if a == n else a for a, b in links if n in (a, b)]:
             net[other].ip_toward(net[n])  # raises if a node has no address
-    key_file = os.path.join(net.log_dir, "overlay.key")
+    for other in _running.get(net, []):
+        if other.port == port and any(other.alive(n) for n in other.ids):
+            raise SpecError(f"an overlay already runs on port {port} in this network "
+                            f"(close() it, or give another port=)")
+    key_file = os.path.join(net.log_dir, f"overlay{port}.key")
     os.makedirs(net.log_dir, exist_ok=True)
     fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(bytes(key).hex() + "\n")
     ov = Overlay(net, ids, links, port, hello_ms, cost, dead_hellos, key_file)
     ov._launch(nodes, ready_timeout)
+    _running.setdefault(net, []).append(ov)
     return ov
 
 

@@ -423,7 +423,8 @@ def test_bad_overlay_input_is_refused_before_anything_starts(chain):
                     ({"nodes": ["a", "b"], "cost": "cheap"}, "cost must be"),
                     ({"nodes": ["a", "b"], "hello_ms": 1}, "hello_ms"),
                     ({"nodes": ["a", "b"], "links": [("a", "c")]}, "not an overlay node"),
-                    ({"nodes": ["a", "b"], "key": b"short"}, "at least 16 bytes")]:
+                    ({"nodes": ["a", "b"], "key": b"short"}, "at least 16 bytes"),
+                    ({"nodes": ["a", "b"]}, "already runs on port")]:
         with pytest.raises(SpecError, match=msg):
             start_overlay(net, **kw)
     assert len(net["a"].procs) == before
@@ -448,3 +449,21 @@ def test_ctl_prints_neighbours_routes_and_stats(chain):
     p = subprocess.run([sys.executable, "-m", "testbed.overlay.ctl", "/nonexistent.sock",
                         "routes"], capture_output=True, text=True)
     assert p.returncode == 1 and "no overlay daemon" in p.stderr
+
+
+def test_two_overlays_share_a_network(chain):
+    net, ov = chain
+    ov2 = start_overlay(net, ["d", "e", "f"], hello_ms=HELLO_MS, port=ov.port + 1)
+    try:
+        ov2.wait_converged(timeout=10)
+        assert set(ov2.routes("d")) == {"e", "f"}
+        assert ov2.id("d") == 1 and ov.id("d") == 4  # each overlay numbers its own nodes
+        assert ov2.control_path("d") != ov.control_path("d")
+        rx = ov2.client("f").socket(7)
+        tx = ov2.client("d").socket(7)
+        tx.sendto(b"second overlay", (ov2.id("f"), 7))
+        assert rx.recvfrom(timeout=5) == (b"second overlay", (ov2.id("d"), 7))
+        assert set(ov.routes("d")) == set(CHAIN) - {"d"}  # the first one is untouched
+    finally:
+        ov2.close()
+    assert not any(ov2.alive(n) for n in ("d", "e", "f"))
