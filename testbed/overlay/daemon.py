@@ -12,10 +12,11 @@ and pumps the link and session queues.
 
 Per link (wire.py has the formats):
 - hello protocol: a HELLO every hello interval, answered at once by a HELLO_ACK (RTT from
-  the echoed timestamp, EWMA 1/8; the peer reports the loss it sees from the gaps in our
-  hello numbers). After one silent interval hellos go out four times as often, so that
-  loss alone rarely kills a link; a link is down after `dead_hellos` intervals without any
-  authenticated message from the neighbour (default 2.5: rerouting within three intervals).
+  the echoed timestamp, EWMA 1/8; routing uses half the smallest of the last 10; the peer
+  reports the loss it sees from the gaps in our hello numbers). After one silent interval
+  hellos go out eight times as often, so that loss alone rarely kills a link; a link is
+  down after `dead_hellos` intervals without any authenticated message from the neighbour
+  (default 2.5: rerouting within three intervals).
 - three link protocols, chosen per message (ROUTED.proto): best effort (straight out);
   reliable (selective repeat, acks per batch, TCP-like window, RTO from the link's RTT,
   dupthresh 1 since one link does not reorder; intermediate nodes keep no per-flow state:
@@ -82,6 +83,8 @@ LINGER_S = 30.0  # a closed socket's sessions keep retransmitting this long
 RECV_IDLE_S = 300.0
 LOSS_ALPHA = 1 / 16
 RTT_ALPHA = 1 / 8
+RTT_WINDOW = 10  # hello RTT samples the routing delay is the minimum of
+PROBES = 8  # hellos per interval to a neighbour that has been silent for an interval
 EPHEMERAL = range(49152, 65536)
 
 mono = time.monotonic
@@ -145,8 +148,10 @@ class Neighbour:
         self.downs = 0
         self.hello_seq = 0
         self.last_hello_sent = -1e9
+        self.next_hello = 0.0
         self.rx_hello_seq: Optional[int] = None
-        self.rtt: Optional[float] = None
+        self.rtt: Optional[float] = None  # EWMA of hello RTTs (what a message sees)
+        self.rtt_samples: collections.deque = collections.deque(maxlen=RTT_WINDOW)
         self.rx_loss = 0.0  # of peer -> us, from the gaps in its hello numbers
         self.tx_loss = 0.0  # of us -> peer, as the peer reports it
         self.advertised: Optional[tuple] = None  # (delay_us, loss) in our LSA
@@ -174,8 +179,16 @@ class Neighbour:
         self.rt_rx = ReceiveWindow(slide=True)
         self.ack_echo = [None, None, None]
 
+    @property
+    def rtt_min(self) -> Optional[float]:
+        return min(self.rtt_samples) if self.rtt_samples else None
+
     def delay_us(self) -> int:
-        return 0 if self.rtt is None else int(self.rtt / 2 * 1e6)
+        """The link's one-way delay for routing: half the smallest of the last RTT_WINDOW
+        hello RTTs, the propagation delay without the queueing and scheduling spikes
+        that an average drags along (routes should not move for a busy moment)."""
+        m = self.rtt_min
+        return 0 if m is None else int(m / 2 * 1e6)
 
     def loss_e4(self) -> int:
         return int(round(self.tx_loss * 1e4))
@@ -183,6 +196,7 @@ class Neighbour:
     def info(self, now: float) -> dict:
         return {"id": self.id, "addr": f"{self.addr[0]}:{self.addr[1]}", "up": self.up,
                 "rtt_ms": None if self.rtt is None else round(self.rtt * 1e3, 3),
+                "rtt_min_ms": None if not self.rtt_samples else round(self.rtt_min * 1e3, 3),
                 "loss_out_pct": round(self.tx_loss * 100, 2),
                 "loss_in_pct": round(self.rx_loss * 100, 2),
                 "last_heard_ms": None if self.last_heard is None else
@@ -597,16 +611,24 @@ class Daemon:
         if nb.hello_timer_at is None or now < nb.hello_timer_at:
             return  # superseded by an earlier timer that already ran
         nb.hello_timer_at = None
+        hello, probe = self.hello_s, self.hello_s / PROBES
         if nb.up and (nb.last_heard is None or now - nb.last_heard >= self.dead_s):
             self.link_down(nb, now)
-        if now - nb.last_hello_sent >= self.hello_s / 8:
+        # an up link silent for a whole interval is probed PROBES times per interval, so
+        # that loss alone (even 30 %) rarely silences it for the dead interval
+        silent = nb.up and now - nb.last_heard >= hello
+        regular = now >= nb.next_hello
+        if regular or (silent and now - nb.last_hello_sent >= probe * 0.99):
             self.send_hello(nb, now)
-        silent = nb.last_heard is None or now - nb.last_heard > self.hello_s
-        if nb.up and silent:  # probe, and check for death on time
-            nxt = min(now + self.hello_s / 4, nb.last_heard + self.dead_s)
-        else:
-            nxt = now + self.hello_s * random.uniform(0.9, 1.0)
-        self.arm_hello(nb, max(nxt, now + 0.001))
+            if regular:
+                nb.next_hello = now + hello * random.uniform(0.9, 1.0)
+        wake = nb.next_hello
+        if nb.up:
+            if silent:
+                wake = min(wake, nb.last_hello_sent + probe, nb.last_heard + self.dead_s)
+            else:
+                wake = min(wake, nb.last_heard + hello)  # when silence would begin
+        self.arm_hello(nb, max(wake, now + 0.001))
 
     def send_hello(self, nb: Neighbour, now: float) -> None:
         nb.hello_seq = (nb.hello_seq + 1) & 0xFFFF
@@ -650,6 +672,7 @@ class Daemon:
         rtt = _since_us(ack.echo)
         if rtt < 60:
             nb.rtt = rtt if nb.rtt is None else nb.rtt + (rtt - nb.rtt) * RTT_ALPHA
+            nb.rtt_samples.append(rtt)
         nb.tx_loss = min(ack.rx_loss, 10000) / 1e4
         if not nb.up:
             self.link_up(nb, now)
@@ -661,7 +684,7 @@ class Daemon:
             return True
         d0, l0 = nb.advertised
         d1, l1 = nb.delay_us(), nb.loss_e4()
-        if abs(d1 - d0) > max(1000, 0.25 * d0):
+        if abs(d1 - d0) > max(500, 0.1 * d0):  # hysteresis: routes must not flap
             return True
         return abs(l1 - l0) > max(50, 0.25 * l0)
 

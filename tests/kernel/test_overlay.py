@@ -467,3 +467,45 @@ def test_two_overlays_share_a_network(chain):
     finally:
         ov2.close()
     assert not any(ov2.alive(n) for n in ("d", "e", "f"))
+
+
+def test_latency_and_expected_latency_costs(root_state, run_id, wait_until):
+    """A triangle: a-d direct (5 ms) or through b (3 + 3 ms). By latency the direct link
+    wins, also when it loses 30 %; by expected latency (hop recovery under loss) the
+    lossy direct link costs 5 x 1.3 / 0.7 = 9.3 ms (more than 6 from 9 % loss on) and the
+    path through b wins."""
+    t = Topology("ovdiamond")
+    for n in "abd":
+        t.add_host(n)
+    t.add_link("a", "d", delay=5, emulate=True)
+    t.add_link("a", "b", delay=3)
+    t.add_link("b", "d", delay=3)
+    with Network(t, run_id=run_id(), seed=3) as net:
+        lat = start_overlay(net, ["a", "b", "d"], hello_ms=100, cost="latency")
+        exp = start_overlay(net, ["a", "b", "d"], hello_ms=100, cost="expected",
+                            port=lat.port + 1)
+        for ov in (lat, exp):
+            ov.wait_converged(timeout=10)
+
+        def rtts_settled():  # the routing delay: the smallest of the recent hello RTTs
+            nb = lat.neighbours("a")
+            return 9.5 < nb["d"]["rtt_min_ms"] < 11 and 5.5 < nb["b"]["rtt_min_ms"] < 7
+
+        wait_until(rtts_settled, timeout=10, what="RTT estimates of 10 and 6 ms")
+        for ov in (lat, exp):
+            wait_until(lambda ov=ov: ov.path("a", "d") == ["a", "d"]
+                       and ov.path("d", "a") == ["d", "a"], timeout=10,
+                       what=f"{ov.cost}: the direct 5 ms link")
+        # 5 ms in 100 us units, as advertised: an LSA changes once the delay moved by
+        # more than 10 % or 0.5 ms (hysteresis against route flaps)
+        assert 40 <= lat.routes("a")["d"]["cost"] <= 65
+
+        net.link("a", "d").set(loss_pct=30)
+        wait_until(lambda: exp.path("a", "d") == ["a", "b", "d"]
+                   and exp.path("d", "a") == ["d", "b", "a"], timeout=30,
+                   what="expected latency: around the lossy link, both ways")
+        loss = exp.neighbours("a")["d"]["loss_out_pct"]
+        assert 10 < loss < 60, loss  # the hello protocol's estimate of the 30 %
+        assert lat.path("a", "d") == ["a", "d"]  # latency alone does not care
+        assert lat.path("d", "a") == ["d", "a"]
+    root_state.assert_unchanged()
