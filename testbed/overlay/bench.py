@@ -1,5 +1,7 @@
-"""How fast one overlay daemon forwards: a 3-node chain a - b - c on plain veth links, a
-stream from a to c, and b's CPU time from /proc while it forwards.
+"""Two measurements of the overlay itself.
+
+How fast one daemon forwards: a 3-node chain a - b - c on plain veth links, a stream from
+a to c, and b's CPU time from /proc while it forwards.
 
     python -m testbed.overlay.bench [--seconds 5] [--size 1400] [--link best_effort|reliable]
         [--datagram] [--rate-mbit 0] [--json]
@@ -7,6 +9,13 @@ stream from a to c, and b's CPU time from /proc while it forwards.
 Reports the payload rate c received, b's CPU use (a fraction of one core) and the rate b
 would forward at one full core (received rate / CPU fraction): on a machine shared with the
 sender's and receiver's daemons and clients, b rarely gets a whole core to itself.
+
+How fast routes move around a failed node: a mesh (a-b-f is the only 2-hop path from a to
+f, the others take 3), datagrams a -> f every 2 ms, b's daemon killed (or stopped with
+SIGTERM, which floods a goodbye), then the time until a's route to f avoids b and the
+longest silence f sees.
+
+    python -m testbed.overlay.bench --reroute [--hello-ms 200] [--trials 5] [--term] [--json]
 """
 
 from __future__ import annotations
@@ -81,6 +90,81 @@ def run(seconds: float = 5.0, size: int = 1400, link: str = "best_effort",
             "b_drops": {k: v for k, v in stats_b["drops"].items() if v}}
 
 
+MESH = [("a", "b"), ("b", "f"), ("a", "c"), ("c", "d"), ("d", "f"), ("b", "d"), ("c", "e"),
+        ("e", "d")]
+
+
+def _reroute_trial(net, trial: int, hello_ms: float, kill: bool) -> dict:
+    import threading
+
+    from testbed.overlay.client import OverlayTimeout
+
+    ov = start_overlay(net, list("abcdef"), hello_ms=hello_ms, cost="hops", port=8100 + trial)
+    converged = ov.wait_converged(10)
+    assert ov.path("a", "f") == ["a", "b", "f"]
+    rx = ov.client("f").socket(9, reliable=False)
+    tx = ov.client("a").socket(9, reliable=False, link="best_effort")
+    dst = (ov.id("f"), 9)
+    times: list = []
+    stop = threading.Event()
+
+    def receive():
+        while not stop.is_set():
+            try:
+                rx.recvfrom(timeout=0.2)
+                times.append(time.monotonic())
+            except OverlayTimeout:
+                pass
+
+    def send():
+        while not stop.is_set():
+            tx.sendto(b"x" * 100, dst)
+            time.sleep(0.002)
+
+    threads = [threading.Thread(target=f, daemon=True) for f in (receive, send)]
+    for th in threads:
+        th.start()
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        ov.stop("b", kill=kill)
+        while True:
+            path = ov.routes("a").get("f", {}).get("path", [])
+            if path and "b" not in path:
+                t1 = time.monotonic()
+                break
+            if time.monotonic() - t0 > 30:
+                raise RuntimeError("a never routed around b")
+            time.sleep(0.005)
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        for th in threads:
+            th.join()
+        ov.close()
+    gap = max(y - x for x, y in zip(times, times[1:]) if y > t0 - 0.05)
+    return {"trial": trial, "converged_s": round(converged, 3),
+            "route_ms": round(1000 * (t1 - t0), 1), "data_gap_ms": round(1000 * gap, 1)}
+
+
+def reroute(hello_ms: float = 200, trials: int = 5, kill: bool = True) -> dict:
+    import statistics
+
+    t = Topology("overlay-reroute")
+    for n in "abcdef":
+        t.add_host(n)
+    for a, b in MESH:
+        t.add_link(a, b)
+    with Network(t) as net:
+        rows = [_reroute_trial(net, i, hello_ms, kill) for i in range(trials)]
+    route = [r["route_ms"] for r in rows]
+    gaps = [r["data_gap_ms"] for r in rows]
+    return {"hello_ms": hello_ms, "failure": "SIGKILL" if kill else "SIGTERM",
+            "three_hellos_ms": 3 * hello_ms, "trials": rows,
+            "route_ms_median": statistics.median(route), "route_ms_max": max(route),
+            "data_gap_ms_median": statistics.median(gaps), "data_gap_ms_max": max(gaps)}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m testbed.overlay.bench")
     p.add_argument("--seconds", type=float, default=5)
@@ -90,7 +174,24 @@ def main(argv=None) -> int:
     p.add_argument("--datagram", action="store_true")
     p.add_argument("--rate-mbit", type=float, default=0)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--reroute", action="store_true", help="measure rerouting instead")
+    p.add_argument("--hello-ms", type=float, default=200)
+    p.add_argument("--trials", type=int, default=5)
+    p.add_argument("--term", action="store_true", help="stop b with SIGTERM, not SIGKILL")
     a = p.parse_args(argv)
+    if a.reroute:
+        r = reroute(a.hello_ms, a.trials, kill=not a.term)
+        if a.json:
+            print(json.dumps(r))
+        else:
+            for row in r["trials"]:
+                print(f"trial {row['trial']}: route moved after {row['route_ms']} ms, "
+                      f"longest silence at f {row['data_gap_ms']} ms")
+            print(f"hello {a.hello_ms:g} ms, b {r['failure']}: route median "
+                  f"{r['route_ms_median']} max {r['route_ms_max']} ms; data gap median "
+                  f"{r['data_gap_ms_median']} max {r['data_gap_ms_max']} ms "
+                  f"(three hellos: {r['three_hellos_ms']:g} ms)")
+        return 0
     r = run(a.seconds, a.size, a.link, a.datagram, a.rate_mbit)
     if a.json:
         print(json.dumps(r))
