@@ -1,0 +1,321 @@
+"""A migratable video-like streamer: one TCP connection, paced, movable between namespaces.
+
+    python -m testbed.migration.streamer serve --port P --ctl SOCK --out JSON
+        [--rate-mbit 2] [--seconds 60] [--burst-s 30] [--image-mb 40]
+    python -m testbed.migration.streamer restore --listen IP --mport M --ctl SOCK --out JSON
+
+`serve` accepts one client and sends a deterministic byte stream (testbed.measure.tcpstream's
+counter pattern): first burst-s seconds of content at once (to fill the player's buffer),
+then rate-mbit, catching up after a pause, until seconds of content are sent. Its state is a
+memory image of image-mb random bytes plus the stream position.
+
+Control commands (testbed.migration.control): freeze, resume, status, end (close the
+stream cleanly where it is), and
+migrate {host, port, timeout_s}: dump the frozen connection with TCP_REPAIR, send the image
+to a `restore` process over the migration path and, once it answers OK, close the socket in
+repair mode (no FIN, no RST) and exit. If the transfer fails or is refused, the socket leaves
+repair mode and the stream goes on from here (resume_on_failure, default true).
+
+`restore` listens on the migration path for one image, verifies its checksum (a corrupt or
+truncated one is refused and the sender keeps serving), and on `resume` rebuilds the
+connection (same 4-tuple) and carries on streaming: it is then itself migratable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import select
+import socket
+import sys
+import threading
+import time
+
+from testbed.measure.tcpstream import _pattern
+from testbed.migration import control, repair
+from testbed.migration import state
+from testbed.migration.state import Image, StateError
+
+CHUNK = 16384
+FAULTS = ("", "corrupt", "truncate")
+
+
+def _write(path: str, data: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def _log(msg: str) -> None:
+    print(f"{time.time():.6f} {msg}", flush=True)
+
+
+class Streamer:
+    def __init__(self, ctl: str, out: str):
+        self.out = out
+        self.lock = threading.Lock()
+        self.frozen = False
+        self.migrated = False
+        self.conn = None
+        self.app: dict = {}
+        self.image = b""
+        self.start_offset = 0
+        self.pending: Image = None
+        self.refused = 0
+        self.done = threading.Event()
+        self.events: list = []
+        self.server = control.serve(ctl, self.handle)
+
+    @property
+    def image_len(self) -> int:
+        return len(self.image)
+
+    @property
+    def offset(self) -> int:
+        return self.app.get("offset", 0)
+
+    # the stream --------------------------------------------------------------------------
+    def stream(self) -> None:
+        rate = self.app["rate_mbit"] * 1e6 / 8
+        while True:
+            with self.lock:
+                if self.migrated:
+                    return
+                frozen = self.frozen
+                off, total = self.offset, self.app["total_bytes"]
+            if off >= total:
+                break
+            if frozen:
+                time.sleep(0.005)
+                continue
+            due = self.app["burst_bytes"] + rate * (time.time() - self.app["t0"])
+            if off >= due:
+                time.sleep(min(0.005, (off - due) / rate + 0.0005))
+                continue
+            _, w, _ = select.select([], [self.conn], [], 0.05)
+            if not w:
+                continue
+            with self.lock:
+                if self.frozen or self.migrated:
+                    continue
+                n = min(CHUNK, total - self.offset)
+                try:
+                    sent = self.conn.send(_pattern(self.offset, n), socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                except OSError as e:
+                    _log(f"stream error: {e}")
+                    self.finish(error=str(e))
+                    return
+                self.app["offset"] += sent
+        self.conn.setblocking(True)
+        t_close = time.time()
+        self.conn.shutdown(socket.SHUT_WR)
+        self.conn.settimeout(30)
+        try:
+            self.conn.recv(1)  # the player's close: its report is written first
+        except OSError:
+            pass
+        self.conn.close()
+        self.finish(t_close=t_close)
+
+    def finish(self, **extra) -> None:
+        _write(self.out, {"start_offset": self.start_offset, "end_offset": self.offset,
+                          "migrated_out": self.migrated, "refused": self.refused,
+                          "local": list(self.app.get("local", [])),
+                          "remote": list(self.app.get("remote", [])),
+                          "migrations": self.app.get("migrations", 0),
+                          "events": self.events, **extra})
+        self.done.set()
+
+    # commands ------------------------------------------------------------------------------
+    def handle(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "status":
+            with self.lock:
+                return {"offset": self.offset, "frozen": self.frozen, "migrated": self.migrated,
+                        "connected": self.conn is not None, "have_image": self.pending is not None,
+                        "refused": self.refused}
+        if op == "freeze":
+            with self.lock:
+                if self.conn is None:
+                    raise RuntimeError("no connection to freeze")
+                self.frozen = True
+            self.events.append(("freeze", time.time()))
+            return {"offset": self.offset}
+        if op == "resume":
+            if self.conn is None and self.pending is not None:
+                return self.restore()
+            with self.lock:
+                if self.conn is None:
+                    raise RuntimeError("nothing to resume")
+                self.frozen = False
+            self.events.append(("resume", time.time()))
+            return {"offset": self.offset}
+        if op == "end":  # finish the stream at the current position (a clean close)
+            with self.lock:
+                if self.conn is None or self.migrated:
+                    raise RuntimeError("no stream to end here")
+                self.app["total_bytes"] = self.offset
+            return {"offset": self.offset}
+        if op == "migrate":
+            return self.migrate(msg["host"], int(msg["port"]), float(msg.get("timeout_s", 30)),
+                                msg.get("fault", ""), bool(msg.get("resume_on_failure", True)))
+        raise ValueError(f"unknown command {op!r}")
+
+    def migrate(self, host: str, port: int, timeout: float, fault: str,
+                resume_on_failure: bool) -> dict:
+        if fault not in FAULTS:
+            raise ValueError(f"fault must be one of {FAULTS}")
+        with self.lock:
+            if not self.frozen or self.conn is None:
+                raise RuntimeError("freeze the stream before migrating it")
+        t0 = time.time()
+        deadline = t0 + 1.0  # let the in-flight data be acked: less to retransmit later
+        while repair._ioctl_int(self.conn, repair.SIOCOUTQ) and time.time() < deadline:
+            time.sleep(0.002)
+        with self.lock:
+            st, sendq, recvq = repair.dump(self.conn)
+            app = dict(self.app, offset=self.offset, migrations=self.app["migrations"] + 1)
+        img = Image(st.to_dict(), app, {"sendq": sendq, "recvq": recvq, "image": self.image})
+        t_dump = time.time()
+        sent = 0
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.settimeout(timeout)
+                for i, chunk in enumerate(img.chunks()):
+                    if fault == "corrupt" and i == 3:  # flip one payload byte (tests only)
+                        chunk = bytearray(chunk)
+                        chunk[len(chunk) // 2] ^= 0xFF
+                    if fault == "truncate" and sent > self.image_len // 2:
+                        break
+                    s.sendall(chunk)
+                    sent += len(chunk)
+                s.shutdown(socket.SHUT_WR)
+                reply = s.makefile("rb").readline().decode().strip()
+            if reply != "OK":
+                raise StateError(f"target refused the image: {reply or 'no answer'}")
+        except (OSError, StateError) as e:
+            repair.repair(self.conn, False)  # the original keeps the connection
+            with self.lock:
+                if resume_on_failure:
+                    self.frozen = False
+            self.events.append(("migrate_failed", time.time(), str(e)))
+            _log(f"migration failed, {'resuming' if resume_on_failure else 'frozen'}: {e}")
+            raise RuntimeError(f"migration failed: {e}") from None
+        t_sent = time.time()
+        with self.lock:
+            self.migrated = True
+            self.conn.close()  # in repair mode: neither FIN nor RST
+        self.events.append(("migrated", t_sent))
+        _log(f"migrated out: {sent} bytes to {host}:{port}")
+        self.finish()
+        return {"bytes": sent, "dump_s": t_dump - t0, "transfer_s": t_sent - t_dump,
+                "outq": st.outq_len, "inq": st.inq_len, "offset": app["offset"]}
+
+    # restore side ----------------------------------------------------------------------------
+    def listen_images(self, host: str, port: int, timeout: float = 300.0) -> None:
+        srv = socket.socket()
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((host, port))
+        srv.listen(4)
+        _log(f"restore listening on {host}:{port}")
+
+        def loop() -> None:
+            while self.pending is None:
+                c, peer = srv.accept()
+                with c:
+                    c.settimeout(timeout)
+                    try:
+                        img = self._receive(c)
+                    except (OSError, StateError) as e:
+                        self.refused += 1
+                        _log(f"refused image from {peer[0]}: {e}")
+                        try:
+                            c.sendall(f"ERR {e}\n".encode())
+                        except OSError:
+                            pass
+                        continue
+                    self.pending = img
+                    c.sendall(b"OK\n")
+                    _log(f"image received: {img.app['offset']} bytes streamed so far")
+            srv.close()
+
+        threading.Thread(target=loop, daemon=True).start()
+
+    @staticmethod
+    def _receive(c: socket.socket) -> Image:
+        return state.read(c.recv_into)
+
+    def restore(self) -> dict:
+        img = self.pending
+        t0 = time.time()
+        st = repair.TcpState.from_dict(img.tcp)
+        image = img.parts["image"]  # verified by the image's checksum on arrival
+        conn = repair.restore(st, bytes(img.parts["sendq"]), bytes(img.parts["recvq"]))
+        with self.lock:
+            self.conn, self.app, self.image = conn, dict(img.app), image
+            self.start_offset = self.offset
+            self.frozen = False
+        self.events.append(("restored", time.time()))
+        _log(f"restored {st.local} -> {st.remote} at offset {self.offset}")
+        threading.Thread(target=self.stream, daemon=True).start()
+        return {"offset": self.offset, "restore_s": time.time() - t0,
+                "local": list(conn.getsockname()), "remote": list(conn.getpeername())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m testbed.migration.streamer")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--bind", default="0.0.0.0")
+    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--rate-mbit", type=float, default=2.0)
+    s.add_argument("--seconds", type=float, default=60.0)
+    s.add_argument("--burst-s", type=float, default=30.0)
+    s.add_argument("--image-mb", type=float, default=40.0)
+    r = sub.add_parser("restore")
+    r.add_argument("--listen", required=True)
+    r.add_argument("--mport", type=int, required=True)
+    for p in (s, r):
+        p.add_argument("--ctl", required=True)
+        p.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.cmd == "serve":
+        for name in ("rate_mbit", "seconds", "image_mb"):
+            if getattr(a, name) <= 0:
+                ap.error(f"--{name.replace('_', '-')} must be positive")
+        if a.burst_s < 0:
+            ap.error("--burst-s must be >= 0")
+    st = Streamer(a.ctl, a.out)
+    if a.cmd == "restore":
+        st.listen_images(a.listen, a.mport)
+        st.done.wait()
+        st.server.idle()
+        return 0
+    image = os.urandom(int(a.image_mb * 1e6))
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((a.bind, a.port))
+    srv.listen(1)
+    _log(f"streamer listening on {a.port}")
+    conn, peer = srv.accept()
+    srv.close()
+    rate = a.rate_mbit * 1e6 / 8
+    st.conn, st.image = conn, image
+    st.app = {"offset": 0, "rate_mbit": a.rate_mbit, "burst_bytes": int(a.burst_s * rate),
+              "total_bytes": int((a.burst_s + a.seconds) * rate), "t0": time.time(),
+              "image_sha256": hashlib.sha256(image).hexdigest(), "migrations": 0,
+              "local": list(conn.getsockname()), "remote": list(peer)}
+    _log(f"streaming to {peer[0]}:{peer[1]}")
+    st.stream()
+    st.done.wait()
+    st.server.idle()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
