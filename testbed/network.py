@@ -294,6 +294,8 @@ class Link:
         self.net, self.spec, self.wire = net, spec, wire_ns
         self.shaping = {"a_to_b": spec.a_to_b, "b_to_a": spec.b_to_a}
         self.layout = {"a_to_b": "none", "b_to_a": "none"}
+        self.queues: dict = {"a_to_b": None, "b_to_a": None}  # testbed.queueing.Queue or None
+        self.queue_impl: dict = {"a_to_b": None, "b_to_a": None}  # e.g. 'drr', 'htb-emulated'
         self.daemons: dict = {}
         self.is_up = True
 
@@ -320,7 +322,9 @@ class Link:
     def apply(self, direction: str) -> None:
         ns, dev = self._egress(direction)
         s = self.shaping[direction]
-        lines, layout = kqdisc.lines(dev, s, netem=not self.wire, installed=self.layout[direction])
+        lines, layout = kqdisc.lines(dev, s, netem=not self.wire, installed=self.layout[direction],
+                                     queue=self.queues[direction],
+                                     impl=self.queue_impl[direction])
         batch("tc", lines, netns=ns)
         self.layout[direction] = layout
 
@@ -332,7 +336,9 @@ class Link:
         if direction not in dirs:
             raise SpecError(f"direction must be both, a_to_b or b_to_a, got {direction!r}")
         new = {d: self.shaping[d].replace(**params) for d in dirs[direction]} if params else {}
-        for s in new.values():
+        for d, s in new.items():
+            if self.queues[d] is not None:  # the queue stays: it must fit the new rate
+                self.queues[d].check_rate(s.rate_mbit, f"link {self.spec.a}-{self.spec.b} {d}")
             if s.needs_delay and not self.wire and self.net.delay_backend != "netem":
                 raise CapabilityError(
                     f"link {self.spec.a}-{self.spec.b} was built without a delay line; give it "
@@ -357,6 +363,55 @@ class Link:
     def stats(self) -> dict:
         """Counters of the delay-line daemons (received, dropped_loss, released, held)."""
         return {d: kwire.stats(path) for d, path in self.daemons.items()}
+
+    def set_queue(self, direction: str, queue, impl: str = "auto") -> "Link":
+        """Put a queueing discipline (testbed.queueing.Queue; None: back to the plain FIFO
+        leaf) on a direction ('a_to_b', 'b_to_a' or 'both'), where its rate is shaped. The
+        kernel's own discipline is used where it has one, else HTB emulation (impl='auto';
+        or name one: drr, qfq, prio, htb-emulated, ...); which one is in queue_impl.
+        Validated first (a SpecError changes nothing): the direction needs a rate, an htb
+        queue must fit within it. It survives later set() calls that change the rate."""
+        from testbed.errors import CommandError
+        from testbed.queueing import Queue
+
+        dirs = {"both": ("a_to_b", "b_to_a"), "a_to_b": ("a_to_b",), "b_to_a": ("b_to_a",)}
+        if direction not in dirs:
+            raise SpecError(f"direction must be both, a_to_b or b_to_a, got {direction!r}")
+        if queue is not None and not isinstance(queue, Queue):
+            raise SpecError(f"queue must be a testbed.queueing.Queue or None, got {queue!r}")
+        impls = {}
+        for d in dirs[direction]:
+            if queue is not None:
+                queue.check_rate(self.shaping[d].rate_mbit, f"link {self.spec.a}-{self.spec.b} {d}")
+                impls[d] = kqdisc.choose_impl(queue, self.net.caps.qdiscs, impl)
+            else:
+                impls[d] = None
+        for d in dirs[direction]:
+            old = (self.queues[d], self.queue_impl[d])
+            self.queues[d], self.queue_impl[d] = queue, impls[d]
+            try:
+                self.apply(d)
+            except CommandError:  # the kernel refused: rebuild what was there, then report
+                self.queues[d], self.queue_impl[d] = old
+                ns, dev = self._egress(d)
+                run(["tc", "-n", ns, "qdisc", "del", "dev", dev, "root"], check=False)
+                self.layout[d] = "none"
+                self.apply(d)
+                raise
+        return self
+
+    def queue_stats(self, direction: str):
+        """Per-class counters of a direction's queue as a pandas DataFrame: class, classid,
+        match, configured_share, bytes, packets, drops, backlog_bytes, backlog_pkts (one
+        'fifo' row without a queue); attrs: kind, impl."""
+        if direction not in ("a_to_b", "b_to_a"):
+            raise SpecError(f"direction must be a_to_b or b_to_a, got {direction!r}")
+        if self.layout[direction] == "none":
+            raise SpecError(f"link {self.spec.a}-{self.spec.b} {direction} has no rate, queue "
+                            f"or queue limit: no qdisc to report on")
+        ns, dev = self._egress(direction)
+        return kqdisc.queue_stats(ns, dev, self.queues[direction], self.queue_impl[direction],
+                                  self.shaping[direction].rate_mbit)
 
 
 class Network:
@@ -419,6 +474,17 @@ class Network:
         if not isinstance(node, Switch):
             raise SpecError(f"{name} is a {node.kind}, not a switch")
         return node
+
+    def add_tunnel(self, a: str, b: str, kind: str = "auto", **kw):
+        """A tunnel between nodes a and b at runtime (see testbed.tunnel.add_tunnel)."""
+        from testbed.tunnel import add_tunnel
+
+        return add_tunnel(self, a, b, kind=kind, **kw)
+
+    def tunnels(self) -> list:
+        from testbed.tunnel import tunnels
+
+        return tunnels(self)
 
     def ns_name(self, node: str) -> str:
         return f"{self.prefix}{node}"
