@@ -29,7 +29,7 @@ pytestmark = pytest.mark.kernel
 # slow VM (the stock-kernel tier runs under TCG, TESTBED_TIMEOUT_SCALE > 1) cannot saturate
 # it with TCP, and shares are only defined on a saturated link
 RATE = 100 if TIMEOUT_SCALE <= 1 else 20
-SECONDS = 4.0
+SECONDS = 5.0
 WARMUP = 1.0  # shares are taken over [WARMUP, SECONDS]: slow start and queue fill excluded
 TOL = 0.05  # the target: shares within 5 % (relative) of the configuration
 TCP_PAYLOAD = 1448 / 1514
