@@ -163,6 +163,14 @@ class MigrationController:
         source resumed; the BoD path and VLAN are released)."""
         from topologies import gmpls_dr as g
 
+        if fault not in ("", "corrupt", "truncate"):
+            raise SpecError(f"migration: fault must be '', 'corrupt' or 'truncate', got "
+                            f"{fault!r}")
+        if timeout_s is not None and not (isinstance(timeout_s, (int, float))
+                                          and timeout_s > 0):
+            raise SpecError(f"migration: timeout_s must be positive, got {timeout_s!r}")
+        if not self.streamers:
+            raise TestbedError("migration: call setup() first")
         src = self.site
         dst = "backup" if src == "main" else "main"
         src_ctl = self.streamers[-1][2]

@@ -69,6 +69,12 @@ def test_migration_keeps_the_session(run_id):
 def test_corrupt_or_truncated_image_refused(run_id, wait_until):
     with _net(run_id) as net:
         mc = _controller(net)
+        from testbed.errors import SpecError
+
+        n = len(mc.streamers)
+        with pytest.raises(SpecError, match="fault"):
+            mc.migrate(fault="bogus")  # refused before anything is started or frozen
+        assert len(mc.streamers) == n and not mc.status()["frozen"]
         for fault in ("corrupt", "truncate"):
             with pytest.raises(MigrationFailed, match="refused|checksum|truncated"):
                 mc.migrate(bod=True, fault=fault)
