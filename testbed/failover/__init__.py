@@ -38,7 +38,7 @@ DEFAULT_PORT = 8200
 GARP_MODES = ("broadcast", "unicast", "both")
 
 __all__ = ["start_wackamole", "Wackamole", "Timeouts", "DEFAULT", "TUNED", "comparable",
-           "set_interface", "server_interface", "DEFAULT_PORT"]
+           "set_interface", "server_interface", "held_vips", "DEFAULT_PORT"]
 
 
 # validation (nothing is created before all of it passed) ---------------------------------------
@@ -114,6 +114,14 @@ def server_interface(net, server: str, subnet=None) -> str:
         if n == server and (subnet is None or a.network == subnet):
             return i
     raise SpecError(f"failover: {server} has no interface" + (f" on {subnet}" if subnet else ""))
+
+
+def held_vips(net, server: str, ifname: str, vips: list) -> list:
+    """The VIPs among vips on the server's interface, from the kernel (in vips' order)."""
+    n = net[server]
+    idx = n._ifindex(ifname)
+    found = {a.get_attr("IFA_ADDRESS") for a in n.ipr().get_addr(index=idx)}
+    return [v for v in vips if v in found]
 
 
 def set_interface(net, node: str, up: bool, ifname: Optional[str] = None) -> None:
@@ -226,11 +234,7 @@ class Wackamole:
 
     def held(self, server: str) -> list:
         """The VIPs on the server's interface, from the kernel."""
-        n = self.net[self._check(server)]
-        idx = n._ifindex(self.devs[server])
-        vips = set(self.vips)
-        return sorted((a.get_attr("IFA_ADDRESS") for a in n.ipr().get_addr(index=idx)
-                       if a.get_attr("IFA_ADDRESS") in vips), key=self.vips.index)
+        return held_vips(self.net, self._check(server), self.devs[server], self.vips)
 
     def holders(self) -> dict:
         """vip -> [servers holding it], from the kernel."""
@@ -259,15 +263,6 @@ class Wackamole:
             if e["ip"] in out and e["mac"]:
                 out[e["ip"]] = by_mac.get(e["mac"], "?")
         return out
-
-    def interface_up(self, server: str) -> bool:
-        from testbed.kernel import link as klink
-
-        n = self.net[server]
-        for ln in klink.show(n.ipr()):
-            if ln.get("name") == self.devs[server]:
-                return ln.get("state") == "up" or bool(ln.get("up"))
-        return False
 
     def stable(self, groups: Optional[Iterable] = None, balanced: bool = False) -> tuple:
         """(True, "") when, in each group of servers (the connected components; default:
@@ -340,12 +335,14 @@ class Wackamole:
 def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = DEFAULT_PORT,
                     key: Optional[bytes] = None, balance_s: float = 5.0,
                     mature_s: Optional[float] = None, garp: str = "both",
-                    arp_share_s: float = 1.0, broadcast: bool = True, start: bool = True,
+                    arp_share_s: float = 1.0, garp_refresh_s: float = 10.0,
+                    broadcast: bool = True, start: bool = True,
                     membership_only: bool = False, name: str = "wackamole",
                     timeout: float = 20.0) -> Wackamole:
     """Start a daemon on each server (ids 1..N in this order) managing vips, which must lie
     in the subnet the servers share. Everything is checked first (one-line SpecError,
-    nothing started). start=False only writes the configurations (call .start())."""
+    nothing started). start=False only writes the configurations (call .start()).
+    garp_refresh_s: holders re-announce their VIPs this often (0: only on changes)."""
     servers = check_servers(net, servers)
     vips, devs = check_vips(net, servers, vips)
     if isinstance(timeouts, dict):
@@ -360,6 +357,8 @@ def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = 
     mature_s = timeouts.discovery_s if mature_s is None else _number(mature_s, "mature_s", 0,
                                                                      3600)
     arp_share_s = _number(arp_share_s, "arp_share_s", 0.05, 3600)
+    if garp_refresh_s != 0:
+        garp_refresh_s = _number(garp_refresh_s, "garp_refresh_s", 0.05, 86400)
     if garp not in GARP_MODES:
         raise SpecError(f"failover: garp must be one of {', '.join(GARP_MODES)}, got {garp!r}")
     if not isinstance(name, str) or not name.isidentifier():
@@ -374,6 +373,11 @@ def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = 
         f.write(key or secrets.token_bytes(32))
     subnet = devs[servers[0]][1].network
     peers = {str(i + 1): str(devs[s][1].ip) for i, s in enumerate(servers)}
+    frames = {}
+    if not membership_only:
+        from testbed.failover.daemon import garp_frames
+
+        frames = {s: garp_frames(vips, net[s].mac(devs[s][0])) for s in servers}
     configs = {}
     for i, s in enumerate(servers):
         base = os.path.join(net.log_dir, f"{s}.{name}")
@@ -382,7 +386,9 @@ def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = 
                "timeouts": timeouts.as_dict(), "vips": vips, "dev": devs[s][0],
                "prefixlen": subnet.prefixlen, "status": base + ".status.json",
                "ready": base + ".ready", "balance_s": balance_s, "mature_s": mature_s,
-               "garp": garp, "arp_share_s": arp_share_s, "path": base + ".json"}
+               "garp": garp, "arp_share_s": arp_share_s, "garp_refresh_s": garp_refresh_s,
+               "path": base + ".json",
+               "garp_frames": frames.get(s)}
         with open(cfg["path"], "w") as f:
             json.dump(cfg, f, indent=1)
         configs[s] = cfg

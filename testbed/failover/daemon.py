@@ -14,10 +14,11 @@ Runs inside the server's namespace (testbed.failover.start_wackamole starts it t
   reaches every member), else to each peer's address;
 - VIPs added and removed as secondary addresses of `dev` with pyroute2; configured VIPs
   found on `dev` at start are removed (a new daemon holds nothing);
-- gratuitous ARP (frames from testbed.garp) from a packet socket on `dev`: broadcast, and a
-  copy sent straight to every neighbour MAC the members have shared (ARP-cache sharing);
+- gratuitous ARP (frames built by testbed.garp, passed in the configuration or built at
+  start) from a packet socket on `dev`: broadcast, and a copy sent straight to every
+  neighbour MAC the members have shared (ARP-cache sharing);
 - a status file (JSON, replaced atomically) with the view, the VIPs held and the drop
-  counters, rewritten on every change and every heartbeat;
+  counters, rewritten at once on every change and every second for the counters;
 - SIGTERM or SIGINT: a voluntary leave (release every VIP, then announce LEAVE), exit 0.
 """
 
@@ -45,11 +46,27 @@ def log(msg: str) -> None:
     print(f"{time.time():.3f} {msg}", flush=True)
 
 
+def garp_frames(vips: list, mac: str) -> dict:
+    """The gratuitous ARP frames announcing each VIP at mac, built with testbed.garp (scapy):
+    {"mac": mac, vip: {"broadcast": [request, reply] as hex, "reply": hex}}. The reply form
+    (sender = target = vip, hwsrc = hwdst = mac) is what Linux accepts within its ARP
+    locktime; sent to one neighbour, only its Ethernet destination differs.
+    start_wackamole builds them once in the caller and passes them in the configuration,
+    so that daemons start without importing scapy."""
+    from testbed import garp
+
+    out: dict = {"mac": mac}
+    for v in vips:
+        out[v] = {"broadcast": [f.hex() for f in garp.frames(v, mac, "both")],
+                  "reply": garp.frame(v, mac, "reply").hex()}
+    return out
+
+
 class KernelVips(Actuator):
     """VIPs as secondary addresses of dev (pyroute2), gratuitous ARP from a packet socket."""
 
     def __init__(self, dev: str, prefixlen: int, vips: list, garp_mode: str,
-                 neighbours: dict):
+                 neighbours: dict, frames: Optional[dict] = None):
         from pyroute2 import IPRoute
 
         from testbed import garp
@@ -63,10 +80,10 @@ class KernelVips(Actuator):
             raise SystemExit(f"failover: no interface {dev!r} in this namespace")
         self.idx = found[0]
         self.mac = self.ipr.get_links(self.idx)[0].get_attr("IFLA_ADDRESS")
-        self.broadcast = {v: garp.frames(v, self.mac, "both") for v in vips}
-        # the reply form (sender = target = vip, hwsrc = hwdst = ours) is what Linux accepts
-        # within its locktime; sent to one neighbour, only the Ethernet destination differs
-        self.tail = {v: garp.frame(v, self.mac, "reply")[6:] for v in vips}
+        if frames is None or frames.get("mac") != self.mac:
+            frames = garp_frames(vips, self.mac)  # imports scapy: about a second
+        self.broadcast = {v: [bytes.fromhex(f) for f in frames[v]["broadcast"]] for v in vips}
+        self.tail = {v: bytes.fromhex(frames[v]["reply"])[6:] for v in vips}
         self.psock = garp.open_socket(dev)
         self.counters = Counter()
 
@@ -163,7 +180,8 @@ class Daemon:
         self.vipm: Optional[VipManager] = None
         if not membership_only and cfg.get("vips"):
             self.kernel = KernelVips(cfg["dev"], int(cfg["prefixlen"]), cfg["vips"],
-                                     cfg.get("garp", "both"), self.neighbours)
+                                     cfg.get("garp", "both"), self.neighbours,
+                                     cfg.get("garp_frames"))
             cleared = self.kernel.clear()
             if cleared:
                 log(f"removed VIPs left on {cfg['dev']}: {cleared}")
@@ -175,7 +193,8 @@ class Daemon:
                 mature_s=float(cfg.get("mature_s", self.t.discovery_s)),
                 balance_s=float(cfg.get("balance_s", 5.0)),
                 handover_s=self.t.discovery_s,
-                garp_offsets=cfg.get("garp_offsets", (0.0, 0.1, 0.3)), log=log)
+                garp_offsets=cfg.get("garp_offsets", (0.0, 0.1, 0.3)),
+                refresh_s=float(cfg.get("garp_refresh_s", 0.0)), log=log)
         self.mem = Membership(self.me, self.peers, self.t, now, self.send, self._on_view, log,
                               mature=lambda: bool(self.vipm and self.vipm.mature), inc=self.inc)
         self.arp_share_s = float(cfg.get("arp_share_s", 1.0))
@@ -255,11 +274,11 @@ class Daemon:
         mem = self.mem
         sig = (mem.view, mem.installed, mem.phase(now), self.vipm and self.vipm.state,
                self.vipm and tuple(sorted(self.vipm.held)), self.vipm and self.vipm.mature,
-               sum(self.drops.values()), leaving)
+               sum(self.drops.values()), len(self.neighbours), leaving)
         if not force and sig == self._status_sig and now < self.next_status:
             return
         self._status_sig = sig
-        self.next_status = now + min(self.t.heartbeat_s, 1.0)
+        self.next_status = now + 1.0  # counters; changes are written at once
         tmp = self.status_path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(self.status(now, leaving), f)

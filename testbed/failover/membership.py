@@ -77,7 +77,7 @@ TUNED = Timeouts(1.0, 0.4, 1.4)  # the paper's tuned Spread
 def comparable(advert_s: float) -> Timeouts:
     """Timeouts comparable to VRRP with advert_int advert_s: a heartbeat per advert, a
     failure declared after three missed ones (VRRP's master-down interval, less its skew)."""
-    return Timeouts(3 * advert_s, advert_s, 4 * advert_s)
+    return Timeouts(round(3 * advert_s, 6), advert_s, round(4 * advert_s, 6))
 
 
 @dataclass
@@ -339,15 +339,21 @@ class Membership:
                 now - self.acked_at > self.t.discovery_s:
             self.acked = None  # its proposer went silent
         self.evaluate(now)
-        nxt = [self.next_hb, now + 0.05]
+        nxt = [now + 1.0, self.next_hb]
         if self.mismatch_since is not None:
-            nxt.append(self.mismatch_since + self.t.heartbeat_s)
+            nxt += [self.mismatch_since + self.t.heartbeat_s,
+                    self.mismatch_since + self.t.discovery_s]
         if self.pending is not None:
-            nxt.append(min(self.pending.next_tx, self.pending.deadline))
+            nxt += [self.pending.next_tx, self.pending.deadline]
+        elif self.acked is not None:
+            nxt += [self.acked_at + self.ack_timeout + self.retx_s,
+                    self.acked_at + self.t.discovery_s]
+        if not self.installed:
+            nxt.append(self.started + self.t.discovery_s)
         lim = self.t.fault_s
-        nxt += [t + lim for p, t in self.last_heard.items()
-                if p in self.view.members and p not in self.departed and now - t < lim]
-        return max(now + 0.001, min(nxt))
+        nxt += [t + lim for p, t in self.last_heard.items() if p not in self.departed]
+        nxt += [t + self.grace_s for t in self.differs_since.values()]
+        return min(t for t in nxt if t > now)  # the next time anything is due
 
 
 def main(argv=None) -> int:

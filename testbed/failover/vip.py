@@ -12,6 +12,10 @@ States (paper, Figure 2):
   member's STATE is in, compute the table (`allocate`): conflicts resolved, uncovered VIPs
   handed out; acquire and release accordingly, announce with gratuitous ARP; RUN.
   A cascading view change restarts GATHER with fresh STATEs.
+  Every refresh_s the holders announce their VIPs again: a partition that heals without
+  bringing a member back (the other side's servers failed meanwhile) causes no view
+  change, and the router may still point at a server of the side that held the VIPs while
+  it was cut off.
 - RUN: serve. The representative (first in the membership order) checks the balance every
   balance_s and, if one member holds two more than another, sends BALANCE with a new
   table. Every member releases what it loses and says so (RELEASED, also when it lost
@@ -117,7 +121,8 @@ class VipManager:
 
     def __init__(self, me: int, vips: list, actuator: Actuator, send: Callable,
                  regather: Callable, now: float, mature_s: float, balance_s: float,
-                 handover_s: float, garp_offsets=(0.0, 0.1, 0.3), log: Callable = print):
+                 handover_s: float, garp_offsets=(0.0, 0.1, 0.3), refresh_s: float = 0.0,
+                 log: Callable = print):
         self.me = me
         self.vips = list(vips)
         self.act = actuator
@@ -127,6 +132,8 @@ class VipManager:
         self.balance_s = balance_s
         self.handover_s = handover_s
         self.garp_offsets = tuple(garp_offsets)
+        self.refresh_s = refresh_s  # re-announce what we hold this often (0: never)
+        self.next_refresh = now + refresh_s if refresh_s else None
         self.retx_s = 0.05
         self.held: set = set()
         self.mature = False
@@ -310,7 +317,14 @@ class VipManager:
 
     def tick(self, now: float) -> float:
         self._run_garps(now)
-        nxt = [now + 0.05]
+        nxt = [now + 1.0]
+        if self.next_refresh is not None:
+            if now >= self.next_refresh:
+                self.next_refresh = now + self.refresh_s
+                if self.state == "run":
+                    for v in sorted(self.held, key=self.vips.index):
+                        self.act.announce(v)
+            nxt.append(self.next_refresh)
         if self.state == "gather":
             if now >= self.next_retx:
                 others = tuple(m for m in self.view.members if m != self.me)
@@ -331,6 +345,7 @@ class VipManager:
                     self.gains.clear()
                     self.regather(now)
                     break
+            nxt += [deadline for _, deadline in self.gains.values()]
             out = self.bal_out
             if out is not None:
                 if not out["waiting"]:
@@ -345,7 +360,7 @@ class VipManager:
                     out["next_tx"] = now + self.retx_s
                     self.send(tuple(sorted(out["waiting"])), out["msg"])
                 if self.bal_out is not None:
-                    nxt.append(out["next_tx"])
+                    nxt += [out["next_tx"], out["deadline"]]
             if (self.mature and self.view.members[0] == self.me and self.next_balance
                     is not None and now >= self.next_balance and self.bal_out is None):
                 self.next_balance = now + self.balance_s
@@ -364,13 +379,14 @@ class VipManager:
                                     "next_tx": now + self.retx_s,
                                     "deadline": now + self.handover_s}
                     self._apply_balance(new, now)
-            if self.next_balance is not None:
+            if (self.mature and self.view.members[0] == self.me and self.next_balance
+                    is not None and self.bal_out is None):
                 nxt.append(self.next_balance)
         if self.garps:
             nxt.append(self.garps[0][0])
         if not self.mature:
             nxt.append(self.mature_at)
-        return max(now + 0.001, min(nxt))
+        return min(t for t in nxt if t > now)  # the next time anything is due
 
     def status(self) -> dict:
         return {"vip_state": self.state, "mature": self.mature,

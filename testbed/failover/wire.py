@@ -12,8 +12,11 @@ Every message is one UDP datagram
 - `sender` is the daemon's id (1..65535; its place in the membership order).
 - `inc` is the sender's incarnation: its start time in microseconds. `seq` counts its
   messages from 1 within the incarnation. A receiver keeps, per sender, the highest
-  incarnation seen and a replay window over seq (`ReplayGuard`): a message of an older
-  incarnation, or a seq already seen or below the window, is a replay.
+  incarnation seen and the highest seq (`ReplayGuard`): a message of an older incarnation,
+  or a seq not above the highest seen, is a replay. Strictly increasing rather than a
+  window: seq counts all of a sender's messages, unicast ones to other members included,
+  so a window would accept, replayed, a message that was sent to someone else; the LAN
+  delivers each sender's datagrams in order, so nothing legitimate is lost.
 - `ts_us` is the sender's wall clock when it sent the message. A receiver drops messages
   sent before it started itself (so nothing captured earlier can be replayed to a daemon
   that has just restarted and has no replay state yet) or more than `max_age_s` old or
@@ -401,9 +404,10 @@ class ReplayGuard:
     """Per-sender replay and freshness check of authenticated headers.
 
     check() returns None if the message is fresh, else the drop reason ('stale' or
-    'replay'). A newer incarnation of a sender (it restarted) replaces its window."""
+    'replay'). A newer incarnation of a sender (it restarted) replaces its window.
+    window=1 (the default) accepts strictly increasing seqs only (see the module's doc)."""
 
-    def __init__(self, started_us: int, max_age_s: float = 10.0, window: int = 256):
+    def __init__(self, started_us: int, max_age_s: float = 10.0, window: int = 1):
         self.started_us = started_us
         self.max_age_us = int(max_age_s * 1e6)
         self.window = window

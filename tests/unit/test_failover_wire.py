@@ -114,14 +114,20 @@ def test_replay_guard_drops_replays_stale_and_old_incarnations():
     assert g.check(h(2), now) == "replay"
     assert g.check(h(1), now) == "replay"
     assert g.check(h(1, sender=3), now) is None  # windows are per sender
+    assert g.check(h(5), now) is None
+    # 3 and 4 went to another member; replayed here they are refused all the same
+    assert g.check(h(4), now) == "replay"
     # sent before this receiver started: it cannot be meant for it (a captured message)
-    assert g.check(h(3, ts=start - 1), now) == "stale"
-    assert g.check(h(3, ts=now - 11_000_000), now) == "stale"
-    assert g.check(h(3, ts=now + 11_000_000), now + 0) == "stale"
+    assert g.check(h(6, ts=start - 1), now) == "stale"
+    assert g.check(h(6, ts=now - 11_000_000), now) == "stale"
+    assert g.check(h(6, ts=now + 11_000_000), now + 0) == "stale"
     # a restart (newer incarnation) starts a new window; the old incarnation is dead
     assert g.check(h(1, inc=start + 150, ts=start + 160), now) is None
-    assert g.check(h(3), now) == "replay"
+    assert g.check(h(6), now) == "replay"
     assert g.check(h(0, inc=start + 170, ts=start + 180), now) == "replay"
+    # with a window, late datagrams within it are still taken once (not used by default)
+    gw = w.ReplayGuard(started_us=start, window=64)
+    assert [gw.check(h(q), now) for q in (1, 3, 2, 2)] == [None, None, None, "replay"]
 
 
 def test_a_full_arp_share_fits_one_datagram():
