@@ -57,7 +57,8 @@ def _stream_hash(n: int) -> str:
 class MigrationController:
     def __init__(self, net, port: int = 9200, mport: int = 9300, rate_mbit: float = 2.0,
                  seconds: float = 60.0, burst_s: float = 30.0, image_mb: float = 40.0,
-                 buffer_s: float = 30.0, bod_mbit: float = 1000.0, capture: bool = True):
+                 buffer_s: float = 30.0, bod_mbit: float = 1000.0, capture: bool = True,
+                 dirty_mbps: float = 0.0):
         from topologies import gmpls_dr  # noqa: F401  (checked: the network must be one)
 
         for name, v in (("rate_mbit", rate_mbit), ("seconds", seconds), ("image_mb", image_mb),
@@ -66,6 +67,10 @@ class MigrationController:
                 raise SpecError(f"migration: {name} must be positive, got {v!r}")
         if burst_s < 0:
             raise SpecError(f"migration: burst_s must be >= 0, got {burst_s!r}")
+        if isinstance(dirty_mbps, bool) or not isinstance(dirty_mbps, (int, float)) \
+                or dirty_mbps < 0:
+            raise SpecError(f"migration: dirty_mbps must be >= 0, got {dirty_mbps!r}")
+        self.dirty_mbps = dirty_mbps
         missing = [n for n in ("user", "agw", "l2sw") + SITES if n not in net.nodes]
         if missing:
             raise SpecError(f"migration: the network lacks {missing[0]!r} (use "
@@ -113,7 +118,8 @@ class MigrationController:
                                       "--rate-mbit", str(self.rate_mbit),
                                       "--seconds", str(self.seconds),
                                       "--burst-s", str(self.burst_s),
-                                      "--image-mb", str(self.image_mb)],
+                                      "--image-mb", str(self.image_mb),
+                                      "--dirty-mbps", str(self.dirty_mbps)],
                              ready="streamer listening")
         user = self.net["user"]
         if self.capture:
@@ -157,10 +163,21 @@ class MigrationController:
             time.sleep(0.01)
 
     # the sequence ----------------------------------------------------------------------
-    def migrate(self, bod: bool = True, fault: str = "", timeout_s: float = None) -> list:
+    def migrate(self, bod: bool = True, fault: str = "", timeout_s: float = None,
+                precopy: bool = False, stop_bytes: int = 1 << 20, max_rounds: int = 30) -> list:
         """Move the stream from the current site to the other; returns the steps as dicts
-        {step, name, t_start, t_end, duration_s, ...}. MigrationFailed if step 5 fails (the
-        source resumed; the BoD path and VLAN are released)."""
+        {step, name, t_start, t_end, duration_s, ...}; step 11 holds suspension_s (freeze
+        to resumed). MigrationFailed if step 5 fails (the source resumed; the BoD path and
+        VLAN are released).
+
+        precopy=True (paper 003's live migration): step 5 copies the memory image while the
+        stream runs, then rounds of the pages written meanwhile until at most stop_bytes
+        are left (or max_rounds), and only then freezes (step 4 happens inside step 5)."""
+        if precopy and fault:
+            raise SpecError("migration: fault injection is for stop-and-copy only")
+        if not isinstance(stop_bytes, int) or stop_bytes < 0 or not isinstance(
+                max_rounds, int) or max_rounds < 0:
+            raise SpecError("migration: stop_bytes and max_rounds must be whole numbers >= 0")
         from topologies import gmpls_dr as g
 
         if fault not in ("", "corrupt", "truncate"):
@@ -223,11 +240,19 @@ class MigrationController:
         if bod:
             step(2, reserve)
             step(3, vlan_on)
-        step(4, lambda: control.request(src_ctl, op="freeze"))
+        if not precopy:
+            step(4, lambda: control.request(src_ctl, op="freeze"))
         try:
-            r = step(5, lambda: control.request(src_ctl, timeout=timeout_s + 30, op="migrate",
-                                                host=path_ip, port=self.mport,
-                                                timeout_s=timeout_s, fault=fault))
+            r = step(5, lambda: control.request(src_ctl, timeout=10 * timeout_s + 30,
+                                                op="migrate", host=path_ip, port=self.mport,
+                                                timeout_s=timeout_s, fault=fault,
+                                                precopy=precopy, stop_bytes=stop_bytes,
+                                                max_rounds=max_rounds))
+            if precopy:
+                tf = r["t_freeze"]
+                steps.insert(-1, {"step": 4, "name": STEPS[4], "t_start": tf, "t_end": tf,
+                                  "duration_s": 0.0, "since_start_s": tf - t_seq,
+                                  "inside_step5": True})
         except control.ControlError as e:
             steps.append({"step": 5, "name": STEPS[5], "failed": str(e),
                           "t_start": steps[-1]["t_end"], "t_end": time.time()})
@@ -246,7 +271,11 @@ class MigrationController:
         if bod:
             step(9, bod_off)
             step(10, vlan_off)
+        t_frozen = next(x["t_start"] for x in steps if x["step"] == 4)
+        suspension = next(x["t_end"] for x in steps if x["step"] == 8) - t_frozen
         step(11, lambda: {"image_bytes": r["bytes"], "transfer_s": r["transfer_s"],
+                          "suspension_s": suspension,
+                          "rounds": r.get("rounds"),
                           "dump_s": r["dump_s"], "restore_s": res["restore_s"],
                           "offset": res["offset"], "local": res["local"],
                           "remote": res["remote"]})

@@ -105,9 +105,10 @@ def decode(blob: bytes) -> Image:
     return _parse(bytes(mv[PREFIX.size:start]), mv[start:-DIGEST], body_len)
 
 
-def read(recv_into: Callable[[memoryview], int]) -> Image:
+def read(recv_into: Callable[[memoryview], int], eof: bool = True) -> Image:
     """Read one image from a stream (recv_into(buffer) -> bytes read, 0 at EOF), hashing
-    as it arrives; StateError if it ends early, carries more, or fails its checksum."""
+    as it arrives; StateError if it ends early, fails its checksum, or (eof=True: the image
+    must be the stream's last) carries more."""
     h = hashlib.sha256()
 
     def fill(buf: memoryview, what: str) -> None:
@@ -135,6 +136,6 @@ def read(recv_into: Callable[[memoryview], int]) -> Image:
     fill(digest, "checksum")
     if h.digest() != bytes(digest):
         raise StateError("checksum mismatch: the image is corrupt")
-    if recv_into(memoryview(bytearray(1))):
+    if eof and recv_into(memoryview(bytearray(1))):
         raise StateError("oversized image: bytes after the checksum")
     return _parse(bytes(header), body, body_len)

@@ -39,6 +39,7 @@ from testbed.migration import state
 from testbed.migration.state import Image, StateError
 
 CHUNK = 16384
+PAGE = 4096
 FAULTS = ("", "corrupt", "truncate")
 
 
@@ -67,6 +68,8 @@ class Streamer:
         self.refused = 0
         self.done = threading.Event()
         self.events: list = []
+        self.dirty: set = set()  # pages of the memory image written since the last copy
+        self.dirty_lock = threading.Lock()
         self.server = control.serve(ctl, self.handle)
 
     @property
@@ -131,6 +134,31 @@ class Streamer:
                           "events": self.events, **extra})
         self.done.set()
 
+    # the application's writes to its memory (pre-copy has to chase them) -----------------
+    def dirtier(self) -> None:
+        """Write random pages of the image at app["dirty_mbps"] MB/s while streaming."""
+        import random
+
+        rng = random.Random(self.offset)
+        pages = len(self.image) // PAGE
+        carry = 0.0
+        while not self.done.is_set():
+            time.sleep(0.01)
+            rate = self.app.get("dirty_mbps", 0) * 1e6
+            if self.frozen or self.migrated or not rate or not pages:
+                continue
+            carry += rate * 0.01 / PAGE
+            n, carry = int(carry), carry - int(carry)
+            with self.dirty_lock:
+                for _ in range(n):
+                    p = rng.randrange(pages)
+                    self.image[p * PAGE:p * PAGE + 8] = (self.offset + p).to_bytes(8, "big")
+                    self.dirty.add(p)
+
+    def _pages(self, pages: list) -> bytes:
+        img = self.image
+        return b"".join(bytes(img[p * PAGE:(p + 1) * PAGE]) for p in pages)
+
     # commands ------------------------------------------------------------------------------
     def handle(self, msg: dict) -> dict:
         op = msg.get("op")
@@ -162,8 +190,12 @@ class Streamer:
                 self.app["total_bytes"] = self.offset
             return {"offset": self.offset}
         if op == "migrate":
-            return self.migrate(msg["host"], int(msg["port"]), float(msg.get("timeout_s", 30)),
-                                msg.get("fault", ""), bool(msg.get("resume_on_failure", True)))
+            args = (msg["host"], int(msg["port"]), float(msg.get("timeout_s", 30)))
+            if msg.get("precopy"):
+                return self.precopy(*args, stop_bytes=int(msg.get("stop_bytes", 1 << 20)),
+                                    max_rounds=int(msg.get("max_rounds", 30)))
+            return self.migrate(*args, msg.get("fault", ""),
+                                bool(msg.get("resume_on_failure", True)))
         raise ValueError(f"unknown command {op!r}")
 
     def migrate(self, host: str, port: int, timeout: float, fault: str,
@@ -216,6 +248,103 @@ class Streamer:
         return {"bytes": sent, "dump_s": t_dump - t0, "transfer_s": t_sent - t_dump,
                 "outq": st.outq_len, "inq": st.inq_len, "offset": app["offset"]}
 
+    def precopy(self, host: str, port: int, timeout: float, stop_bytes: int,
+                max_rounds: int) -> dict:
+        """Live migration by pre-copy: the whole image while the stream runs, then rounds
+        of the pages written meanwhile until at most stop_bytes remain (or max_rounds),
+        then freeze and send the rest with the TCP state (stop-and-copy)."""
+        with self.lock:
+            if self.frozen or self.conn is None:
+                raise RuntimeError("pre-copy migrates a running stream: resume it first")
+        rounds, t_start, dumped = [], time.time(), False
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as s:
+                s.settimeout(timeout)
+
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+                def send(img: Image) -> int:
+                    """Send one round and wait until the peer has acked all of it: the
+                    next round must hold what was written while this one travelled."""
+                    n = 0
+                    for chunk in img.chunks():
+                        s.sendall(chunk)
+                        n += len(chunk)
+                    deadline = time.time() + timeout
+                    while repair._ioctl_int(s, repair.SIOCOUTQ):
+                        if time.time() > deadline:
+                            raise OSError(f"pre-copy round not acked within {timeout:g} s")
+                        time.sleep(0.001)
+                    return n
+
+                with self.dirty_lock:
+                    self.dirty.clear()
+                    snap = bytes(self.image)
+                t = time.time()
+                n = send(Image({}, {"kind": "precopy", "round": 0, "image_len": len(snap),
+                                    "pages": None}, {"data": snap}))
+                rounds.append({"round": 0, "bytes": n, "pages": len(snap) // PAGE,
+                               "seconds": time.time() - t})
+                del snap
+                while True:
+                    with self.dirty_lock:
+                        pages = sorted(self.dirty)
+                        if len(pages) * PAGE <= stop_bytes or len(rounds) > max_rounds:
+                            break
+                        self.dirty.clear()
+                        data = self._pages(pages)
+                    t = time.time()
+                    n = send(Image({}, {"kind": "precopy", "round": len(rounds),
+                                        "pages": pages}, {"data": data}))
+                    rounds.append({"round": len(rounds), "bytes": n, "pages": len(pages),
+                                   "seconds": time.time() - t})
+                # stop-and-copy
+                t_freeze = time.time()
+                with self.lock:
+                    self.frozen = True
+                self.events.append(("freeze", t_freeze))
+                deadline = t_freeze + 1.0
+                while repair._ioctl_int(self.conn, repair.SIOCOUTQ) and time.time() < deadline:
+                    time.sleep(0.002)
+                with self.lock, self.dirty_lock:
+                    st, sendq, recvq = repair.dump(self.conn)
+                    dumped = True
+                    pages = sorted(self.dirty)
+                    self.dirty.clear()
+                    app = dict(self.app, offset=self.offset,
+                               migrations=self.app["migrations"] + 1)
+                    data = self._pages(pages)
+                    sha = hashlib.sha256(self.image).hexdigest()
+                t = time.time()
+                n = send(Image(st.to_dict(), {"kind": "final", "pages": pages, "state": app,
+                                              "image_sha256": sha},
+                               {"sendq": sendq, "recvq": recvq, "data": data}))
+                s.shutdown(socket.SHUT_WR)
+                reply = s.makefile("rb").readline().decode().strip()
+                rounds.append({"round": len(rounds), "bytes": n, "pages": len(pages),
+                               "seconds": time.time() - t, "final": True})
+            if reply != "OK":
+                raise StateError(f"target refused the image: {reply or 'no answer'}")
+        except (OSError, StateError) as e:
+            if dumped:
+                repair.repair(self.conn, False)
+            with self.lock:
+                self.frozen = False
+            self.events.append(("migrate_failed", time.time(), str(e)))
+            _log(f"pre-copy migration failed, resuming: {e}")
+            raise RuntimeError(f"migration failed: {e}") from None
+        t_sent = time.time()
+        with self.lock:
+            self.migrated = True
+            self.conn.close()  # in repair mode: neither FIN nor RST
+        self.events.append(("migrated", t_sent))
+        _log(f"pre-copied out in {len(rounds)} rounds to {host}:{port}")
+        self.finish()
+        return {"bytes": sum(r["bytes"] for r in rounds), "rounds": rounds,
+                "t_freeze": t_freeze, "dump_s": 0.0, "transfer_s": t_sent - t_start,
+                "final_bytes": rounds[-1]["bytes"], "outq": st.outq_len, "inq": st.inq_len,
+                "offset": app["offset"]}
+
     # restore side ----------------------------------------------------------------------------
     def listen_images(self, host: str, port: int, timeout: float = 300.0) -> None:
         srv = socket.socket()
@@ -248,7 +377,27 @@ class Streamer:
 
     @staticmethod
     def _receive(c: socket.socket) -> Image:
-        return state.read(c.recv_into)
+        """One image, or a pre-copy sequence (rounds of pages, then the final one)."""
+        first = state.read(c.recv_into, eof=False)
+        if first.app.get("kind") != "precopy":
+            if c.recv_into(memoryview(bytearray(1))):
+                raise StateError("oversized image: bytes after the checksum")
+            return first
+        image = bytearray(int(first.app["image_len"]))
+        image[:] = first.parts["data"]
+        while True:
+            img = state.read(c.recv_into, eof=False)
+            pages, data = img.app.get("pages") or [], img.parts["data"]
+            if len(data) != len(pages) * PAGE:
+                raise StateError("pre-copy round: data does not match its page list")
+            for i, p in enumerate(pages):
+                image[p * PAGE:(p + 1) * PAGE] = data[i * PAGE:(i + 1) * PAGE]
+            if img.app.get("kind") == "final":
+                break
+        if hashlib.sha256(image).hexdigest() != img.app["image_sha256"]:
+            raise StateError("pre-copy: the assembled image differs from the source's")
+        return Image(img.tcp, img.app["state"], {"sendq": img.parts["sendq"],
+                                                 "recvq": img.parts["recvq"], "image": image})
 
     def restore(self) -> dict:
         img = self.pending
@@ -257,12 +406,13 @@ class Streamer:
         image = img.parts["image"]  # verified by the image's checksum on arrival
         conn = repair.restore(st, bytes(img.parts["sendq"]), bytes(img.parts["recvq"]))
         with self.lock:
-            self.conn, self.app, self.image = conn, dict(img.app), image
+            self.conn, self.app, self.image = conn, dict(img.app), bytearray(image)
             self.start_offset = self.offset
             self.frozen = False
         self.events.append(("restored", time.time()))
         _log(f"restored {st.local} -> {st.remote} at offset {self.offset}")
         threading.Thread(target=self.stream, daemon=True).start()
+        threading.Thread(target=self.dirtier, daemon=True).start()
         return {"offset": self.offset, "restore_s": time.time() - t0,
                 "local": list(conn.getsockname()), "remote": list(conn.getpeername())}
 
@@ -277,6 +427,8 @@ def main(argv=None) -> int:
     s.add_argument("--seconds", type=float, default=60.0)
     s.add_argument("--burst-s", type=float, default=30.0)
     s.add_argument("--image-mb", type=float, default=40.0)
+    s.add_argument("--dirty-mbps", type=float, default=0.0,
+                   help="MB/s of random page writes into the memory image while streaming")
     r = sub.add_parser("restore")
     r.add_argument("--listen", required=True)
     r.add_argument("--mport", type=int, required=True)
@@ -288,15 +440,15 @@ def main(argv=None) -> int:
         for name in ("rate_mbit", "seconds", "image_mb"):
             if getattr(a, name) <= 0:
                 ap.error(f"--{name.replace('_', '-')} must be positive")
-        if a.burst_s < 0:
-            ap.error("--burst-s must be >= 0")
+        if a.burst_s < 0 or a.dirty_mbps < 0:
+            ap.error("--burst-s and --dirty-mbps must be >= 0")
     st = Streamer(a.ctl, a.out)
     if a.cmd == "restore":
         st.listen_images(a.listen, a.mport)
         st.done.wait()
         st.server.idle()
         return 0
-    image = os.urandom(int(a.image_mb * 1e6))
+    image = bytearray(os.urandom(int(a.image_mb * 1e6)))
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind((a.bind, a.port))
@@ -308,9 +460,10 @@ def main(argv=None) -> int:
     st.conn, st.image = conn, image
     st.app = {"offset": 0, "rate_mbit": a.rate_mbit, "burst_bytes": int(a.burst_s * rate),
               "total_bytes": int((a.burst_s + a.seconds) * rate), "t0": time.time(),
-              "image_sha256": hashlib.sha256(image).hexdigest(), "migrations": 0,
+              "dirty_mbps": a.dirty_mbps, "migrations": 0,
               "local": list(conn.getsockname()), "remote": list(peer)}
     _log(f"streaming to {peer[0]}:{peer[1]}")
+    threading.Thread(target=st.dirtier, daemon=True).start()
     st.stream()
     st.done.wait()
     st.server.idle()

@@ -121,3 +121,13 @@ def test_streamer_cli_refuses_bad_sizes(tmp_path):
         streamer.main(["serve", "--port", "1", "--image-mb", "0", "--ctl",
                        str(tmp_path / "c"), "--out", str(tmp_path / "o")])
     assert not (tmp_path / "c").exists()
+
+
+def test_images_back_to_back_on_one_stream():
+    a, b = _image(100), Image({}, {"kind": "final"}, {"data": b"z" * 4096})
+    r = _reader(a.encode() + b.encode())
+    assert state.read(r, eof=False).app == a.app
+    got = state.read(r)  # the last one: EOF must follow
+    assert got.app == {"kind": "final"} and bytes(got.parts["data"]) == b"z" * 4096
+    with pytest.raises(StateError, match="oversized"):
+        state.read(_reader(a.encode() + b.encode()))
