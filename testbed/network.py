@@ -11,28 +11,34 @@ reads if a run is SIGKILLed.
 from __future__ import annotations
 
 import atexit
+import ipaddress
 import json
 import os
+import re
 import secrets
 import signal
 import subprocess
 import threading
 import time
 import zlib
+from contextlib import contextmanager
 from typing import Optional, Sequence, Union
 
-from testbed import capabilities
-from testbed.errors import CapabilityError, SpecError, TestbedError
+from testbed import capabilities, garp
+from testbed.errors import CapabilityError, CommandError, SpecError, TestbedError
+from testbed.garp import MAC_RE
 from testbed.kernel import bridge as kbridge
 from testbed.kernel import delayline as kwire
 from testbed.kernel import link as klink
+from testbed.kernel import neigh as kneigh
 from testbed.kernel import netns as kns
 from testbed.kernel import qdisc as kqdisc
 from testbed.kernel import route as kroute
 from testbed.kernel import vlan as kvlan
 from testbed.process import Process, file_exists
 from testbed.run import batch, run
-from testbed.spec import LinkSpec
+from testbed.queueing import Queue
+from testbed.spec import LinkSpec, check_vlan
 from testbed.topology import Plan, Topology
 
 LEDGER_DIR = "/run/testbed"
@@ -133,7 +139,6 @@ class Node:
         return idx
 
     def _check_ip(self, ip: str, what: str = "address") -> str:
-        import ipaddress
 
         try:
             if ipaddress.ip_address(ip).version == 4:
@@ -151,7 +156,6 @@ class Node:
         """Add or replace the route to dst ('a.b.c.d/len' or 'default') via a next hop, out
         of an interface (dev alone: an on-link route), or both. Recorded, so it survives a
         link flap. Checked first: a bad address or unknown interface changes nothing."""
-        import ipaddress
 
         if dst != "default":
             try:
@@ -187,7 +191,6 @@ class Node:
 
     def _read_sysctls(self, keys) -> dict:
         """Current values; SpecError for a malformed key or one the namespace lacks."""
-        import re
 
         for key in keys:
             if not re.fullmatch(r"[A-Za-z0-9_-]+([./][A-Za-z0-9_.-]+)*", str(key)) or ".." in key:
@@ -216,7 +219,6 @@ class Node:
     def sysctls(self, settings: dict):
         """`with node.sysctls({"net.ipv4.ip_forward": 0}):` set for the block, then back to
         the values they had before it (also on an exception). Yields the old values."""
-        from contextlib import contextmanager
 
         old = self._read_sysctls(list(settings))  # every key checked before any is set
 
@@ -245,8 +247,6 @@ class Node:
 
     def neigh_add(self, ip: str, mac: str, ifname: str, permanent: bool = True) -> None:
         """A static (permanent) neighbour entry ip -> mac on ifname, replacing any entry."""
-        from testbed.garp import MAC_RE
-        from testbed.kernel import neigh as kneigh
 
         self._check_ip(ip)
         if not MAC_RE.match(str(mac).lower()):
@@ -255,7 +255,6 @@ class Node:
 
     def neigh_del(self, ip: str, ifname: str) -> bool:
         """Delete the entry for ip on ifname; False if there was none."""
-        from testbed.kernel import neigh as kneigh
 
         self._check_ip(ip)
         return kneigh.delete(self.ipr(), ip, self._ifindex(ifname))
@@ -263,14 +262,12 @@ class Node:
     def neigh_flush(self, ifname: Optional[str] = None, permanent: bool = False) -> int:
         """Flush the dynamic neighbour entries of ifname (or of every interface); permanent
         ones too with permanent=True. Returns how many were removed."""
-        from testbed.kernel import neigh as kneigh
 
         idx = None if ifname is None else self._ifindex(ifname)
         return kneigh.flush(self.ipr(), idx, permanent)
 
     def neighbours(self, ifname: Optional[str] = None) -> list:
         """[{"ip", "mac", "dev", "state"}] of the ARP table (of ifname, or all)."""
-        from testbed.kernel import neigh as kneigh
 
         idx = None if ifname is None else self._ifindex(ifname)
         return kneigh.show(self.ipr(), idx)
@@ -279,7 +276,6 @@ class Node:
              kind: str = "request", mac: Optional[str] = None) -> int:
         """Send gratuitous ARPs (scapy-built; kind request, reply or both) announcing ip at
         ifname's MAC (or mac) from inside this node; returns the frames sent."""
-        from testbed import garp
 
         self._ifindex(ifname)
         garp.check(ip, mac or "00:00:00:00:00:00", kind, count, interval_s)
@@ -371,8 +367,6 @@ class Link:
         or name one: drr, qfq, prio, htb-emulated, ...); which one is in queue_impl.
         Validated first (a SpecError changes nothing): the direction needs a rate, an htb
         queue must fit within it. It survives later set() calls that change the rate."""
-        from testbed.errors import CommandError
-        from testbed.queueing import Queue
 
         dirs = {"both": ("a_to_b", "b_to_a"), "a_to_b": ("a_to_b",), "b_to_a": ("b_to_a",)}
         if direction not in dirs:
@@ -857,7 +851,6 @@ class Switch(Node):
         """Move the access port toward peer into VLAN vid; returns the seconds it took.
 
         Validated first (unknown VLAN, trunk port): a bad request changes nothing."""
-        from testbed.spec import check_vlan
 
         check_vlan(vid, f"switch {self.name}")
         old = self.vlan_of(peer)
