@@ -406,7 +406,11 @@ class Streamer:
         image = img.parts["image"]  # verified by the image's checksum on arrival
         conn = repair.restore(st, bytes(img.parts["sendq"]), bytes(img.parts["recvq"]))
         with self.lock:
-            self.conn, self.app, self.image = conn, dict(img.app), bytearray(image)
+            self.conn, self.app = conn, dict(img.app)
+            # the received buffer itself (writable: the dirtier writes into it), no copy
+            writable = isinstance(image, bytearray) or (isinstance(image, memoryview)
+                                                        and not image.readonly)
+            self.image = image if writable else bytearray(image)
             self.start_offset = self.offset
             self.frozen = False
         self.events.append(("restored", time.time()))
