@@ -159,8 +159,8 @@ class Daemon:
             self.key = f.read()
         self.t = Timeouts(**cfg["timeouts"])
         self.inc = int(time.time() * 1e6)
-        self.seq = 0
-        self.guard = wire.ReplayGuard(self.inc, cfg.get("max_age_s", 10.0))
+        self.seq: Counter = Counter()  # dest (0: everyone) -> last sequence number
+        self.guard = wire.ReplayGuard(self.inc, self.me, cfg.get("max_age_s", 10.0))
         self.drops: Counter = Counter()
         self.rx: Counter = Counter()
         self.tx: Counter = Counter()
@@ -203,20 +203,23 @@ class Daemon:
 
     # transport -------------------------------------------------------------------------------
     def send(self, dests, msg) -> None:
-        self.seq += 1
-        hdr = wire.Header(msg.type, self.me, self.inc, self.seq, int(time.time() * 1e6))
-        data = wire.encode(self.key, hdr, msg)
+        """To dests (None: every peer): one broadcast if there is a broadcast address and
+        more than one, else one unicast per member, each addressed (and numbered) for it."""
         if dests is None:
             dests = tuple(self.peers)
+        dests = [d for d in dests if d in self.peers]
         if not dests:
             return
         if self.bcast and len(dests) > 1:
-            targets = [self.bcast]
+            targets = [(0, self.bcast)]
         else:
-            targets = [self.peers[d] for d in dests if d in self.peers]
-        for ip in targets:
+            targets = [(d, self.peers[d]) for d in dests]
+        for dest, ip in targets:
+            self.seq[dest] += 1
+            hdr = wire.Header(msg.type, self.me, self.inc, self.seq[dest],
+                              int(time.time() * 1e6), dest)
             try:
-                self.sock.sendto(data, (ip, self.port))
+                self.sock.sendto(wire.encode(self.key, hdr, msg), (ip, self.port))
                 self.tx[wire.TYPE_NAMES[msg.type]] += 1
             except OSError:
                 self.send_errors += 1  # no route: our interface is down

@@ -5,23 +5,26 @@ Every message is one UDP datagram
 
     header (28 bytes) | body (by type) | tag (16 bytes)
 
-    header := magic u16 (0x574B, "WK") | version u8 | type u8 | sender u16 | flags u16 |
+    header := magic u16 (0x574B, "WK") | version u8 | type u8 | sender u16 | dest u16 |
               inc u64 | seq u32 | ts_us u64
     tag    := HMAC-SHA256(key, header + body)[:16]
 
 - `sender` is the daemon's id (1..65535; its place in the membership order).
-- `inc` is the sender's incarnation: its start time in microseconds. `seq` counts its
-  messages from 1 within the incarnation. A receiver keeps, per sender, the highest
-  incarnation seen and the highest seq (`ReplayGuard`): a message of an older incarnation,
-  or a seq not above the highest seen, is a replay. Strictly increasing rather than a
-  window: seq counts all of a sender's messages, unicast ones to other members included,
-  so a window would accept, replayed, a message that was sent to someone else; the LAN
-  delivers each sender's datagrams in order, so nothing legitimate is lost.
+- `dest` is the member the message is for, or 0 for every member (sent to the segment's
+  broadcast address). A receiver drops a message for another member ('misdirected'), so
+  a unicast message captured on its way to one member cannot be replayed to another.
+- `inc` is the sender's incarnation: its start time in microseconds. `seq` counts the
+  sender's messages from 1 within the incarnation, separately per `dest` (one counter for
+  broadcasts, one per member for unicasts). A receiver keeps, per sender and channel
+  (broadcast, or to itself), the highest incarnation seen and the highest seq
+  (`ReplayGuard`): a message of an older incarnation, or a seq not above the highest seen,
+  is a replay. Strictly increasing rather than a window: within one channel the LAN keeps
+  a sender's datagrams in order (a unicast waiting for ARP resolution can be overtaken by
+  a broadcast: hence the separate channels), so nothing legitimate is lost.
 - `ts_us` is the sender's wall clock when it sent the message. A receiver drops messages
   sent before it started itself (so nothing captured earlier can be replayed to a daemon
   that has just restarted and has no replay state yet) or more than `max_age_s` old or
   ahead of its own clock (all daemons of a testbed share one host clock).
-- `flags` is 0 (reserved).
 
 Bodies (u16 ids, u32 IPv4 addresses, all big-endian):
 
@@ -82,7 +85,8 @@ SF_MATURE = 1
 
 # why a datagram was dropped: each is a counter in the daemon's status
 DROP_REASONS = ("truncated", "oversized", "bad_magic", "bad_version", "bad_hmac",
-                "unknown_type", "unknown_sender", "stale", "replay", "malformed")
+                "unknown_type", "unknown_sender", "misdirected", "stale", "replay",
+                "malformed")
 
 
 class WireError(ValueError):
@@ -328,12 +332,12 @@ class Header:
     inc: int
     seq: int
     ts_us: int
-    flags: int = 0
+    dest: int = 0  # the member it is for; 0: every member
     version: int = VERSION
     magic: int = MAGIC
 
     def pack(self) -> bytes:
-        return HEADER.pack(self.magic, self.version, self.type, self.sender, self.flags,
+        return HEADER.pack(self.magic, self.version, self.type, self.sender, self.dest,
                            self.inc, self.seq, self.ts_us)
 
 
@@ -359,7 +363,7 @@ def decode(key: bytes, data: bytes) -> tuple:
         raise WireError("oversized", f"{n} bytes")
     if n < MIN_MESSAGE:
         raise WireError("truncated", f"{n} bytes")
-    magic, version, mtype, sender, flags, inc, seq, ts = HEADER.unpack_from(data)
+    magic, version, mtype, sender, dest, inc, seq, ts = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise WireError("bad_magic", hex(magic))
     if version != VERSION:
@@ -368,7 +372,7 @@ def decode(key: bytes, data: bytes) -> tuple:
         raise WireError("bad_hmac")
     if mtype not in TYPE_NAMES:
         raise WireError("unknown_type", str(mtype))
-    hdr = Header(mtype, sender, inc, seq, ts, flags, version, magic)
+    hdr = Header(mtype, sender, inc, seq, ts, dest, version, magic)
     return hdr, decode_body(mtype, data[HEADER_LEN:n - TAG_LEN])
 
 
@@ -401,30 +405,35 @@ class ReplayWindow:
 
 
 class ReplayGuard:
-    """Per-sender replay and freshness check of authenticated headers.
+    """Replay and freshness check of authenticated headers, for the member `me`.
 
-    check() returns None if the message is fresh, else the drop reason ('stale' or
-    'replay'). A newer incarnation of a sender (it restarted) replaces its window.
-    window=1 (the default) accepts strictly increasing seqs only (see the module's doc)."""
+    check() returns None if the message is fresh, else the drop reason ('misdirected',
+    'stale' or 'replay'). Kept per sender and channel (broadcast, or addressed to me); a
+    newer incarnation of a sender (it restarted) replaces its window. window=1 (the
+    default) accepts strictly increasing seqs only (see the module's doc)."""
 
-    def __init__(self, started_us: int, max_age_s: float = 10.0, window: int = 1):
+    def __init__(self, started_us: int, me: int, max_age_s: float = 10.0, window: int = 1):
         self.started_us = started_us
+        self.me = me
         self.max_age_us = int(max_age_s * 1e6)
         self.window = window
-        self.senders: dict = {}  # sender -> (inc, ReplayWindow)
+        self.senders: dict = {}  # (sender, channel) -> (inc, ReplayWindow)
 
     def check(self, hdr: Header, now_us: int) -> Optional[str]:
+        if hdr.dest not in (0, self.me):
+            return "misdirected"
         if hdr.ts_us < self.started_us or hdr.inc > hdr.ts_us:
             return "stale"
         if abs(now_us - hdr.ts_us) > self.max_age_us:
             return "stale"
-        known = self.senders.get(hdr.sender)
         if hdr.seq <= 0:
             return "replay"
+        chan = (hdr.sender, hdr.dest != 0)
+        known = self.senders.get(chan)
         if known is None or hdr.inc > known[0]:
             win = ReplayWindow(self.window)
             win.accept(hdr.seq)
-            self.senders[hdr.sender] = (hdr.inc, win)
+            self.senders[chan] = (hdr.inc, win)
             return None
         inc, win = known
         if hdr.inc < inc or not win.accept(hdr.seq):

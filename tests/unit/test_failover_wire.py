@@ -47,6 +47,8 @@ def test_golden_encoding_and_decoding(msg, body, tag):
     hdr, back = w.decode(KEY, data)
     assert back == msg
     assert (hdr.type, hdr.sender, hdr.seq, hdr.inc) == (msg.type, 3, 42, 1_700_000_000_000_000)
+    to5 = w.encode(KEY, w.Header(msg.type, 3, 1_700_000_000_000_000, 42, 1, dest=5), msg)
+    assert to5[6:8] == b"\x00\x05" and w.decode(KEY, to5)[0].dest == 5
 
 
 def test_view_order_and_identity():
@@ -103,10 +105,10 @@ def test_replay_window():
 
 def test_replay_guard_drops_replays_stale_and_old_incarnations():
     start = 1_000_000_000
-    g = w.ReplayGuard(started_us=start, max_age_s=10)
+    g = w.ReplayGuard(started_us=start, me=1, max_age_s=10)
 
-    def h(seq, inc=start + 10, ts=start + 100, sender=2):
-        return w.Header(w.HEARTBEAT, sender, inc, seq, ts)
+    def h(seq, inc=start + 10, ts=start + 100, sender=2, dest=0):
+        return w.Header(w.HEARTBEAT, sender, inc, seq, ts, dest)
 
     now = start + 200
     assert g.check(h(1), now) is None
@@ -115,8 +117,13 @@ def test_replay_guard_drops_replays_stale_and_old_incarnations():
     assert g.check(h(1), now) == "replay"
     assert g.check(h(1, sender=3), now) is None  # windows are per sender
     assert g.check(h(5), now) is None
-    # 3 and 4 went to another member; replayed here they are refused all the same
+    # 3 and 4 were lost: replayed (captured elsewhere) they are refused all the same
     assert g.check(h(4), now) == "replay"
+    # unicasts to me count apart (a unicast can be overtaken by a broadcast while the
+    # sender resolves my MAC); a unicast for another member is refused whatever its seq
+    assert g.check(h(1, dest=1), now) is None
+    assert g.check(h(1, dest=1), now) == "replay"
+    assert g.check(h(9, dest=3), now) == "misdirected"
     # sent before this receiver started: it cannot be meant for it (a captured message)
     assert g.check(h(6, ts=start - 1), now) == "stale"
     assert g.check(h(6, ts=now - 11_000_000), now) == "stale"
@@ -126,7 +133,7 @@ def test_replay_guard_drops_replays_stale_and_old_incarnations():
     assert g.check(h(6), now) == "replay"
     assert g.check(h(0, inc=start + 170, ts=start + 180), now) == "replay"
     # with a window, late datagrams within it are still taken once (not used by default)
-    gw = w.ReplayGuard(started_us=start, window=64)
+    gw = w.ReplayGuard(started_us=start, me=1, window=64)
     assert [gw.check(h(q), now) for q in (1, 3, 2, 2)] == [None, None, None, "replay"]
 
 
