@@ -54,7 +54,7 @@ def send(a) -> dict:
             if a.count is not None:
                 due = min(due, a.count)
             if due <= n:
-                time.sleep(min(0.001, (n + 1) * interval - (time.monotonic() - t0)))
+                time.sleep(max(0.0, min(0.001, (n + 1) * interval - (time.monotonic() - t0))))
                 continue
         else:
             due = n + 1
