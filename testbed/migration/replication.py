@@ -390,7 +390,13 @@ def main(argv=None) -> int:
     w.add_argument("--switch-at", type=int, default=None)
     w.add_argument("--crash-at-s", type=float, default=None)
     w.add_argument("--out", required=True)
+    st = sub.add_parser("stat")
+    st.add_argument("--dst", required=True)
+    st.add_argument("--port", type=int, default=9500)
     a = ap.parse_args(argv)
+    if a.cmd == "stat":
+        print(json.dumps(replica_stats((a.dst, a.port))), flush=True)
+        return 0
     if a.cmd == "replica":
         rep = Replica(("0.0.0.0", a.port), path=a.out, fsync=not a.no_fsync).start()
         print(f"replica listening on {a.port}", flush=True)

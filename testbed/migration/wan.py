@@ -283,7 +283,7 @@ class WanMigration:
     def __init__(self, net, vs_ip: Optional[str] = None, port: int = 9999, mport: int = 9400,
                  state_mb: float = 100.0, wws_mb: float = 1.0, dirty_mbps: float = 10.0,
                  stop_mb: float = 1.0, max_rounds: int = 30, tunnel_kind: str = "auto",
-                 seed: int = 1):
+                 seed: int = 1, tag: str = ""):
         from topologies.wan_migration import VS_IP
 
         self.net = net
@@ -294,6 +294,7 @@ class WanMigration:
         self.src = self.sink = None
         self.tunnel = None
         self.runs = 0
+        self.tag = tag  # names of the processes and their output files
         self._vs_b_addr = False
 
     def _n(self, name):
@@ -303,14 +304,15 @@ class WanMigration:
         """The VS serving at A with the routes of the starting state."""
         n = self._n
         self.runs += 1
-        if self.runs == 1:
+        if f" {self.vs_ip}/32 " not in n("vs_a").run(["ip", "-o", "addr", "show", "dev",
+                                                        "lo"]).stdout:
             n("vs_a").run(["ip", "addr", "add", f"{self.vs_ip}/32", "dev", "lo"])
             n("vs_b").run(["ip", "addr", "add", f"{self.vs_ip}/32", "dev", "lo"])
             n("client").add_route(f"{self.vs_ip}/32", via=n("ingress").ip_toward(n("client")))
             n("pe_b").add_route(f"{self.vs_ip}/32", via=n("vs_b").ip_toward(n("pe_b")))
         n("ingress").replace_route(f"{self.vs_ip}/32", via=n("pe_a").ip_toward(n("ingress")))
         n("pe_a").replace_route(f"{self.vs_ip}/32", via=n("vs_a").ip_toward(n("pe_a")))
-        tag = f"{self.runs}"
+        tag = f"{self.tag}{self.runs}"
         self.out_src = os.path.join(self.net.log_dir, f"wanvm-src-{tag}.json")
         self.out_sink = os.path.join(self.net.log_dir, f"wanvm-sink-{tag}.json")
         pages = int(self.state_mb * (1 << 20)) // PAGE
