@@ -22,6 +22,7 @@ PUBLIC = ("10.9.0.1/24", "10.9.0.2/24")  # main, backup
 BOD = ("10.9.1.1/24", "10.9.1.2/24")
 VLAN_MAIN, VLAN_BACKUP = 1, 2
 VLAN_MIGRATION, PARK_MAIN, PARK_BACKUP = 10, 11, 12
+SMOKE_PING = ("user", "main")  # the backup site sits in VLAN 2, apart from the user by design
 
 
 def _rate(value, what: str) -> float:

@@ -21,8 +21,11 @@ def test_topology_builds_and_hosts_ping(name):
     with Network(topo) as net:
         hosts = net.hosts()
         assert len(hosts) >= 2
-        df = measure.ping(hosts[0], hosts[-1], count=3, interval=0.05)
-        assert df.attrs["received"] == 3, f"{hosts[0].name} cannot reach {hosts[-1].name}"
+        # a topology whose first and last hosts are apart by design (VLANs) names a pair
+        a, b = (net[n] for n in mod.SMOKE_PING) if hasattr(mod, "SMOKE_PING") else \
+            (hosts[0], hosts[-1])
+        df = measure.ping(a, b, count=3, interval=0.05)
+        assert df.attrs["received"] == 3, f"{a.name} cannot reach {b.name}"
 
 
 def test_mininet_topo_builds_and_pings():
@@ -40,4 +43,6 @@ def test_mininet_topo_builds_and_pings():
         assert measure.ping(net["h1"], net["h3"], count=2, interval=0.05).attrs["received"] == 2
     with Network(Topology.from_mininet(Shaped())) as net:
         df = measure.ping(net["h1"], net["h2"], count=10, interval=0.05)
-        assert 9.5 <= df["rtt_ms"].median() <= 11.5  # 5 ms each way on h1-s1
+        # 5 ms each way on h1-s1: the option reached the link (the fastest of 10 pings, so
+        # a loaded machine's scheduling delays do not count; fidelity is measured elsewhere)
+        assert 9.5 <= df["rtt_ms"].min() <= 11.5, df["rtt_ms"].describe()
