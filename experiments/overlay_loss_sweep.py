@@ -29,6 +29,7 @@ def run(ctx) -> None:
                       overlay_hello_ms=500, jitter="standard deviation of one-way delay")
     base: dict = {}
     agg: dict = {}
+    runs: list = []
     with Network(spines_chain.build(loss_pct=0, queue_pkts=QUEUE)) as net:
         ctx.note_network(net)
         ov = start_overlay(net, list("abcdef"), hello_ms=500, cost="hops")
@@ -40,22 +41,29 @@ def run(ctx) -> None:
                 for rep in range(repeats):
                     for mode in ("e2e", "hbh"):
                         d, info = overlay_stream(net, ov, "a", "f", rate, seconds, mode)
-                        if loss == 0 and rep == 0:
-                            base[(rate, mode)] = float(np.median(d))
-                        s = summarize(d, base.get((rate, mode)))
-                        agg.setdefault((rate, loss, mode), []).append(d)
-                        ctx.add(rate_kbit=rate, loss_pct=loss, mode=mode, repeat=rep, **s,
-                                sent=info["sent"], received=info["received"],
-                                in_order=info["in_order"], duplicates=info["duplicates"])
+                        runs.append((rate, loss, mode, rep, d, info))
+                        s = summarize(d)
                         ctx.progress(f"{rate} kbit/s loss {loss} % {mode}: mean {s['mean_ms']}"
                                      f" sd {s['jitter_sd_ms']} >60 {s['pct_over_60']} % >100 "
-                                     f"{s['pct_over_100']} % >base+10 {s['pct_over_base10']} %")
-    tab = {k: summarize(np.concatenate(v), base[(k[0], k[2])]) for k, v in agg.items()}
+                                     f"{s['pct_over_100']} %")
+    # the baseline for the relative thresholds: per rate, the lowest no-loss median of any
+    # run (both modes share the path; a run disturbed by other load only raises a median)
+    for rate, loss, _mode, _rep, d, _info in runs:
+        if loss == 0:
+            m = float(np.median(d))
+            base[rate] = min(base.get(rate, m), m)
+    for rate, loss, mode, rep, d, info in runs:
+        agg.setdefault((rate, loss, mode), []).append(d)
+        ctx.add(rate_kbit=rate, loss_pct=loss, mode=mode, repeat=rep,
+                **summarize(d, base[rate]),
+                sent=info["sent"], received=info["received"], in_order=info["in_order"],
+                duplicates=info["duplicates"])
+    tab = {k: summarize(np.concatenate(v), base[k[0]]) for k, v in agg.items()}
     ctx.params["aggregate"] = {f"{r}kbit/{lo}%/{m}": s for (r, lo, m), s in tab.items()}
     ref = 1 if 1 in losses else losses[-1]
     e, h = tab[(500, ref, "e2e")], tab[(500, ref, "hbh")]
-    b_e, b_h = base[(500, "e2e")], base[(500, "hbh")]
-    mach = (f"No-loss baseline here (median): e2e {b_e:.1f} ms, hbh {b_h:.1f} ms, of which "
+    mach = (f"No-loss baseline here (lowest median of the 0 % runs at 500 kbit/s): "
+            f"{base[500]:.1f} ms, of which "
             "50 ms is propagation; the rest is serialization and Python (five NFQUEUE delay "
             "lines, six overlay daemons) on a loaded 2-core machine, whose scheduling jitter "
             f"alone puts {tab[(500, losses[0], 'hbh')]['pct_over_60']} % of hop-by-hop "
@@ -78,7 +86,7 @@ def run(ctx) -> None:
     ctx.claim("over_base10_ratio", "End to end leaves about 9x more messages late than hop by "
               "hop (27 % vs 3 % above 60 ms)", 9.0, round(rel, 2),
               "x (e2e / hbh share above baseline+10 ms)", rel >= 9.0,
-              f"at {ref} %, 500 kbit/s, thresholds relative to each mode's own no-loss median. "
+              f"at {ref} %, 500 kbit/s, thresholds relative to the no-loss baseline. "
               f"{mach}")
     jr = e["jitter_sd_ms"] / max(h["jitter_sd_ms"], 0.01)
     ctx.claim("jitter", "Jitter up to 3-4x smaller hop by hop", 3.0, round(jr, 2),
