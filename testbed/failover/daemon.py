@@ -19,7 +19,9 @@ Runs inside the server's namespace (testbed.failover.start_wackamole starts it t
   neighbour MAC the members have shared (ARP-cache sharing);
 - a status file (JSON, replaced atomically) with the view, the VIPs held and the drop
   counters, rewritten at once on every change and every second for the counters;
-- SIGTERM or SIGINT: a voluntary leave (release every VIP, then announce LEAVE), exit 0.
+- SIGTERM or SIGINT: a voluntary leave: drain (the representative moves our VIPs to the
+  others, each with one hand-over message), release whatever is left, announce LEAVE,
+  exit 0.
 """
 
 from __future__ import annotations
@@ -260,6 +262,8 @@ class Daemon:
             self.vipm.on_balance(hdr.sender, msg, now)
         elif hdr.type == wire.RELEASED:
             self.vipm.on_released(hdr.sender, msg, now)
+        elif hdr.type == wire.DRAIN:
+            self.vipm.on_drain(hdr.sender, msg, now)
 
     # status ----------------------------------------------------------------------------------
     def status(self, now: float, leaving: bool = False) -> dict:
@@ -313,6 +317,12 @@ class Daemon:
         def on_signal(signum, frame):
             self.stop_requested = True
 
+        # a signal writes to this pipe, so that select() returns at once (Python would
+        # otherwise resume the select after the handler, until the next timer is due)
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         ready = self.cfg.get("ready")
@@ -323,20 +333,34 @@ class Daemon:
         log(f"member {self.me} ({self.name}) up: port {self.port}, peers {sorted(self.peers)}, "
             f"timeouts {self.t.as_dict()}, "
             f"{len(self.cfg.get('vips') or []) if self.vipm else 0} VIPs")
-        while not self.stop_requested:
+        drain_until = None
+        while True:
             now = time.monotonic()
+            if self.stop_requested:
+                if drain_until is None:
+                    drain_s = min(1.0, self.t.discovery_s)
+                    draining = self.vipm is not None and self.vipm.request_drain(now)
+                    drain_until = now + drain_s if draining else now
+                    if draining:
+                        log(f"draining before the leave (at most {drain_s:g} s)")
+                if now >= drain_until or self.vipm is None or self.vipm.drained():
+                    break
             nxt = [self.mem.tick(now), self.next_share, self.next_status]
+            if drain_until is not None:
+                nxt.append(drain_until)
             if self.vipm is not None:
                 nxt.append(self.vipm.tick(now))
             if now >= self.next_share:
                 self.share_arp(now)
             self.write_status(now)
             timeout = max(0.0, min(nxt) - time.monotonic())
-            try:
-                r, _, _ = select.select([self.sock], [], [], timeout)
-            except InterruptedError:
-                continue
-            if not r:
+            r, _, _ = select.select([self.sock, wake_r], [], [], timeout)
+            if wake_r in r:
+                try:
+                    os.read(wake_r, 512)
+                except BlockingIOError:
+                    pass
+            if self.sock not in r:
                 continue
             while True:
                 try:

@@ -3,6 +3,7 @@
     from testbed.failover import keepalived
     ka = keepalived.start(net, ["s1", "s2", "s3"], vips, advert_int=0.1)
     ka.wait_ready()                 # every VIP held once, by its highest-priority server
+                                    # (preempt=False: by whichever server took it first)
     ka.owner(vips[0])               # -> "s1"
     ka.stop()
 
@@ -236,6 +237,6 @@ def start(net, servers, vips, advert_int: float = 1.0, unicast: bool = False,
         dirs[s] = d
     ka = Keepalived(net, servers, vips, devs, opts, insts, dirs)
     ka.start()
-    if wait:
-        ka.wait_ready(timeout)
+    if wait:  # without preemption, whoever became master first stays master
+        ka.wait_ready(timeout, any_owner=not opts.preempt)
     return ka

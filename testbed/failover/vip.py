@@ -23,6 +23,12 @@ States (paper, Figure 2):
   gaining a VIP acquires it only once its previous holder has released it, so that no two
   members of a view ever hold a VIP at once. A hand-over that does not complete within
   discovery_s turns into a view change (STATE exchange) instead.
+- A voluntary leave first drains: the leaving member asks the representative (DRAIN),
+  which sends a BALANCE moving its VIPs to the others, so each VIP changes hands with a
+  single RELEASED message while the rest of the cluster keeps running; then it leaves the
+  group holding nothing. If the drain cannot run (no RUN state, no representative answer
+  within the drain time) it releases everything and leaves, and the view change covers
+  its VIPs.
 - A new daemon is immature and holds nothing. It becomes mature in the first GATHER in
   which some member is mature, or on its own after mature_s if none ever is (a whole
   cluster booting), and then asks for a view change so that the VIPs get allocated.
@@ -38,7 +44,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Optional
 
-from testbed.failover.wire import Balance, Released, State, View
+from testbed.failover.wire import Balance, Drain, Released, State, View
 
 
 # pure allocation --------------------------------------------------------------------------
@@ -104,6 +110,24 @@ def balance(vips: list, table: dict, members: tuple) -> dict:
         new[v] = taker
 
 
+def drain(vips: list, table: dict, members: tuple, leaving: Iterable[int]) -> dict:
+    """A table where the leaving members hold nothing: their VIPs go to the least loaded
+    of the others (ties: membership order), then the others are balanced."""
+    leaving = set(leaving)
+    rest = tuple(m for m in members if m not in leaving)
+    if not rest:
+        return dict(table)
+    order = {m: i for i, m in enumerate(rest)}
+    new = {v: (o if o in order else None) for v, o in table.items()}
+    load = loads(new, rest)
+    for v in vips:
+        if v in new and new[v] is None:
+            m = min(rest, key=lambda m: (load[m], order[m]))
+            new[v] = m
+            load[m] += 1
+    return balance(vips, new, rest)
+
+
 # the manager --------------------------------------------------------------------------------
 
 class Actuator:
@@ -150,6 +174,7 @@ class VipManager:
         self.released: dict = {}  # (view key, bseq) -> {vip: member}
         self.last_released: Optional[Released] = None  # my answer to the current BALANCE
         self.bal_out: Optional[dict] = None  # the representative's BALANCE under way
+        self.draining: set = set()  # (representative) members to move every VIP away from
         self.next_retx = 0.0
         self.next_balance: Optional[float] = None
         self.state_replied: dict = {}  # member -> when I last answered its STATE
@@ -204,6 +229,7 @@ class VipManager:
         self.bseq = 0  # BALANCE numbers count within a view
         self.last_released = None
         self.bal_out = None
+        self.draining = set()
         self.my_state = State(view.vid, view.coord, tuple(sorted(self.held, key=self.vips.index)),
                               self.mature, self.run_size if self.mature else 0, view.inc)
         self.states = {self.me: self.my_state}
@@ -300,6 +326,51 @@ class VipManager:
                     self.gains[v] = (old, now + self.handover_s)
         self.table = new
 
+    def request_drain(self, now: float) -> bool:
+        """Before a voluntary leave: have our VIPs moved to the others. False if that
+        cannot be done (not in RUN, or alone)."""
+        if self.state != "run" or len(self.view.members) < 2 or not self.held:
+            return False
+        rep = self.view.members[0]
+        if rep == self.me:
+            self._drain(self.me, now)
+        else:
+            self.send((rep,), Drain(self.view.vid, self.view.coord, self.view.inc))
+        return True
+
+    def on_drain(self, sender: int, msg: Drain, now: float) -> None:
+        if (self.state == "run" and msg.key == self.view.key and sender in self.view.members
+                and self.view.members[0] == self.me):
+            self._drain(sender, now)
+
+    def _drain(self, member: int, now: float) -> None:
+        self.draining.add(member)
+        self.log(f"drain {member}")
+        if self.bal_out is None:
+            self._rebalance(now)  # else: once the BALANCE under way is answered
+
+    def _rebalance(self, now: float) -> None:
+        """(Representative) send a BALANCE if the table is unbalanced or a draining
+        member still holds VIPs."""
+        members = self.view.members
+        new = (drain(self.vips, self.table, members, self.draining) if self.draining
+               else balance(self.vips, self.table, members))
+        if new == self.table:
+            return
+        self.bseq += 1
+        self.counters["balances_sent"] += 1
+        self.log(f"balance {self.bseq}: {loads(self.table, members)} -> {loads(new, members)}")
+        others = tuple(m for m in members if m != self.me)
+        table = tuple(sorted(new.items(), key=lambda kv: self.vips.index(kv[0])))
+        msg = Balance(self.view.vid, self.view.coord, self.bseq, table, self.view.inc)
+        self.send(others, msg)
+        self.bal_out = {"msg": msg, "waiting": set(others), "next_tx": now + self.retx_s,
+                        "deadline": now + self.handover_s}
+        self._apply_balance(new, now)
+
+    def drained(self) -> bool:
+        return not self.held and not self.gains
+
     def on_released(self, sender: int, msg: Released, now: float) -> None:
         if self.view is None or msg.key != self.view.key:
             return
@@ -361,24 +432,13 @@ class VipManager:
                     self.send(tuple(sorted(out["waiting"])), out["msg"])
                 if self.bal_out is not None:
                     nxt += [out["next_tx"], out["deadline"]]
-            if (self.mature and self.view.members[0] == self.me and self.next_balance
-                    is not None and now >= self.next_balance and self.bal_out is None):
+            rep = self.mature and self.view.members[0] == self.me
+            if rep and self.bal_out is None and self.draining:
+                self._rebalance(now)  # a drain that waited for an earlier BALANCE
+            if (rep and self.next_balance is not None and now >= self.next_balance
+                    and self.bal_out is None):
                 self.next_balance = now + self.balance_s
-                new = balance(self.vips, self.table, self.view.members)
-                if new != self.table:
-                    self.bseq += 1
-                    self.counters["balances_sent"] += 1
-                    self.log(f"balance {self.bseq}: {loads(self.table, self.view.members)} -> "
-                             f"{loads(new, self.view.members)}")
-                    others = tuple(m for m in self.view.members if m != self.me)
-                    table = tuple(sorted(new.items(), key=lambda kv: self.vips.index(kv[0])))
-                    msg = Balance(self.view.vid, self.view.coord, self.bseq, table,
-                                  self.view.inc)
-                    self.send(others, msg)
-                    self.bal_out = {"msg": msg, "waiting": set(others),
-                                    "next_tx": now + self.retx_s,
-                                    "deadline": now + self.handover_s}
-                    self._apply_balance(new, now)
+                self._rebalance(now)
             if (self.mature and self.view.members[0] == self.me and self.next_balance
                     is not None and self.bal_out is None):
                 nxt.append(self.next_balance)

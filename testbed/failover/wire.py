@@ -43,6 +43,7 @@ Bodies (u16 ids, u32 IPv4 addresses, all big-endian):
               the representative's new allocation in view VID
     RELEASED  VID | bseq u32 | n u16 | n x vip u32                   (after a BALANCE)
     ARP_SHARE n u16 | n x (ip u32 | mac 6 bytes)                     neighbours it has seen
+    DRAIN     VID                                  sender is leaving: move its VIPs away
 """
 
 from __future__ import annotations
@@ -55,10 +56,11 @@ from typing import Optional
 
 MAGIC = 0x574B
 VERSION = 1
-HEARTBEAT, PROPOSE, ACK, INSTALL, LEAVE, STATE, BALANCE, RELEASED, ARP_SHARE = range(1, 10)
+(HEARTBEAT, PROPOSE, ACK, INSTALL, LEAVE, STATE, BALANCE, RELEASED, ARP_SHARE,
+ DRAIN) = range(1, 11)
 TYPE_NAMES = {HEARTBEAT: "heartbeat", PROPOSE: "propose", ACK: "ack", INSTALL: "install",
               LEAVE: "leave", STATE: "state", BALANCE: "balance", RELEASED: "released",
-              ARP_SHARE: "arp_share"}
+              ARP_SHARE: "arp_share", DRAIN: "drain"}
 MEMBERSHIP_TYPES = (HEARTBEAT, PROPOSE, ACK, INSTALL, LEAVE)
 
 HEADER = struct.Struct("!HBBHHQIQ")
@@ -272,6 +274,24 @@ class ArpShare:
 MAX_ARP_ENTRIES = (MAX_MESSAGE - MIN_MESSAGE - COUNT.size) // NEIGH.size
 
 
+@dataclass(frozen=True)
+class Drain:
+    """A member about to leave asks the representative of view VID to move its VIPs to
+    the others first, so that each changes hands with one message (RELEASED)."""
+
+    vid: int
+    coord: int
+    inc: int = 0
+    type = DRAIN
+
+    @property
+    def key(self) -> tuple:
+        return (self.vid, -self.coord, self.inc)
+
+    def pack(self) -> bytes:
+        return VID.pack(self.vid, self.coord, self.inc)
+
+
 def _ips(buf, off: int, n: int) -> tuple:
     if len(buf) != off + 4 * n:
         raise WireError("malformed", "address list length")
@@ -291,10 +311,10 @@ def decode_body(mtype: int, body: bytes):
             if len(body) != off:
                 raise WireError("malformed", "view length")
             return {PROPOSE: Propose, INSTALL: Install, LEAVE: Leave}[mtype](view)
-        if mtype == ACK:
-            if len(body) != ACK_BODY.size:
-                raise WireError("malformed", "ack length")
-            return Ack(*ACK_BODY.unpack(body))
+        if mtype in (ACK, DRAIN):
+            if len(body) != VID.size:
+                raise WireError("malformed", "view id length")
+            return (Ack if mtype == ACK else Drain)(*VID.unpack(body))
         if mtype == STATE:
             vid, coord, inc, f, prev, n = STATE_HEAD.unpack_from(body)
             return State(vid, coord, _ips(body, STATE_HEAD.size, n), bool(f & SF_MATURE), prev,

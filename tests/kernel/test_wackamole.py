@@ -283,7 +283,7 @@ def test_a_voluntary_leave_moves_its_vips_at_once(lan):
     t0 = time.monotonic()
     assert wk.leave("s2") == 0
     took = wk.wait_stable(2, groups=[["s1", "s3"]], interval=0.005)
-    assert time.monotonic() - t0 < 1.0, took  # far below the 5 s fault-detection timeout
+    assert time.monotonic() - t0 < 0.5, took  # far below the 5 s fault-detection timeout
     assert wk.held("s2") == []
     assert all(wk.owner(v) in ("s1", "s3") for v in held)
     st = wk.status("s2")

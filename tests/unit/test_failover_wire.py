@@ -32,6 +32,7 @@ GOLDEN = [
      "bf346f1f88f359ec066a97af63ddda03"),
     (w.ArpShare((("10.100.0.1", "02:aa:bb:cc:dd:ee"),)), "0001" "0a640001" "02aabbccddee",
      "b46ce36e59caa474ded90ec4fbf8c0c0"),
+    (w.Drain(7, 2, INC), "00000007" "0002" "0102030405060708", "07222dc1e89d30a8cb3aac9087ba34c1"),
 ]
 
 
