@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(iproute2 iputils-ping iperf3 iptables libnetfilter-queue-dev tcpdump mininet bridge-utils frr keepalived
+APT_PACKAGES=(iproute2 iputils-ping iperf3 iptables libnetfilter-queue-dev tcpdump mininet bridge-utils frr keepalived nginx
               python3-venv python3-dev build-essential procps ethtool)
 
 if [ "$(id -u)" -ne 0 ]; then

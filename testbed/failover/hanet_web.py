@@ -8,8 +8,9 @@ until told to stop.
     df = run_load([net["c1"], ...], "10.20.0.11", users=400, seconds=10, think_s=2,
                   manifest=files)                 # one row per request
 
-The processes (`python -m testbed.failover.hanet_web load|serve|probe`) import nothing
-heavy so that they start fast; the helpers that run them use pandas.
+The processes (`python testbed/failover/hanet_web.py load|serve|echo|probe`, also
+`python -m testbed.failover.hanet_web ...`) import nothing heavy so that they start fast;
+the helpers that run them use pandas.
 
 Load generator: `users` closed-loop users per process, each on its own keep-alive
 connection: pick a file (Zipf popularity over the file set), GET it, read the whole body,
@@ -39,6 +40,9 @@ import time
 BODY_MU, BODY_SIGMA = 9.357, 1.318
 TAIL_K, TAIL_ALPHA, TAIL_P = 133_000, 1.1, 0.07
 CSV_HEADER = "user,t_start,t_end,bytes,status,error\n"
+# the processes run this file as a script: they import nothing of the testbed package (and
+# so start fast, and do not depend on the rest of testbed.failover importing)
+SELF = os.path.abspath(__file__)
 
 
 # the file set ---------------------------------------------------------------------------
@@ -147,7 +151,7 @@ def start_server(node, root: str, port: int = 80, prefer: str = "nginx", workers
             f.write(nginx_conf(prefix, os.path.abspath(root), port, workers))
         argv = ["nginx", "-c", conf, "-p", prefix + "/", "-e", f"{prefix}/error.log"]
     else:
-        argv = [sys.executable, "-m", "testbed.failover.hanet_web", "serve", "--root",
+        argv = [sys.executable, SELF, "serve", "--root",
                 os.path.abspath(root), "--port", str(port)]
     proc = node.start(_niced(argv, nice), name=f"http{port}", ready=listening(node.ns, port),
                       ready_timeout=15)
@@ -326,7 +330,7 @@ def run_load(clients: list, dst: str, users: int, seconds: float, think_s: float
         out = os.path.join(net.log_dir, f"{tag}-{c.name}.csv")
         if os.path.exists(out):
             os.unlink(out)
-        argv = [sys.executable, "-m", "testbed.failover.hanet_web", "load", "--dst", dst,
+        argv = [sys.executable, SELF, "load", "--dst", dst,
                 "--port", str(port), "--users", str(n), "--first-user", str(first),
                 "--seconds", str(seconds), "--think-s", str(think_s), "--manifest", manifest,
                 "--seed", str(seed), "--timeout-s", str(timeout_s), "--go-file", go,
@@ -457,7 +461,7 @@ class Echo:
     def __init__(self, node, ip: str, port: int = 9998):
         from testbed.process import listening
 
-        self.proc = node.start([sys.executable, "-m", "testbed.failover.hanet_web", "echo",
+        self.proc = node.start([sys.executable, SELF, "echo",
                                 "--bind", ip, "--port", str(port), "--name", node.name],
                                name=f"echo{port}", ready=listening(node.ns, port, "udp"))
 
@@ -478,7 +482,7 @@ class Probe:
         for p in (self.stop_file, self.out):
             if os.path.exists(p):
                 os.unlink(p)
-        self.proc = client.start([sys.executable, "-m", "testbed.failover.hanet_web", "probe",
+        self.proc = client.start([sys.executable, SELF, "probe",
                                   "--dst", dst, "--port", str(port), "--interval-ms",
                                   str(interval_ms), "--stop-file", self.stop_file,
                                   "--out", self.out], name=f"probe{port}")
