@@ -354,7 +354,7 @@ class Link:
         self.is_up = up
         if up:  # admin-down flushed the routes through these interfaces: put them back
             for node in (self.spec.a, self.spec.b):
-                self.net._install_routes(node)
+                self.net._install_routes(node, reachable_only=True)
 
     def stats(self) -> dict:
         """Counters of the delay-line daemons (received, dropped_loss, released, held)."""
@@ -728,10 +728,17 @@ class Network:
             ipr = self._iprs[ns] = kns.ipr(ns)
         return ipr
 
-    def _install_routes(self, name: str) -> None:
+    def _install_routes(self, name: str, reachable_only: bool = False) -> None:
+        """Install the node's recorded routes. reachable_only (a link coming back up): skip
+        those whose next hop is behind another link that is still down; that link's own
+        coming up installs them."""
         ipr = self._ipr(self.nodes[name].ns)
         for dst, via in self._routes.get(name, {}).items():
-            kroute.replace(ipr, dst, via)
+            try:
+                kroute.replace(ipr, dst, via)
+            except TestbedError as e:
+                if not (reachable_only and "unreachable" in str(e)):
+                    raise
 
     # teardown ------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -125,3 +125,16 @@ def test_link_set_up_twice_is_harmless(net, wait_until):
     link.set(up=False)
     link.set(up=True)
     wait_until(lambda: ping(net["h1"], net["h2"].ip), timeout=10, what="h1 -> h2")
+
+
+def test_link_up_while_another_link_of_the_node_is_down(net, wait_until):
+    """r1 has two links; bring one back while the other is still down: no error, and the
+    routes behind the down link return when it does."""
+    h1, h2 = net["h1"], net["h2"]
+    wait_until(lambda: ping(h1, h2.ip), what="h1 -> h2")
+    net.link("h1", "r1").set(up=False)
+    net.link("r1", "r2").set(up=False)
+    net.link("h1", "r1").set(up=True)  # r1's routes via r2 cannot be installed yet
+    assert unreachable(h1, h2.ip)
+    net.link("r1", "r2").set(up=True)
+    wait_until(lambda: ping(h1, h2.ip), what="h1 -> h2 after both links are back")
