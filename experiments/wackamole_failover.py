@@ -13,7 +13,8 @@ merges and rebalances, and the next fault hits whichever server then holds the V
 Configurations: the paper's default and tuned timeouts (fault detection / heartbeat /
 discovery 5 / 2 / 7 s and 1 / 0.4 / 1.4 s); "VRRP-like" timeouts (heartbeat = advert_int,
 fault = 3 x advert_int) beside keepalived at advert_int 1 s and 0.1 s; voluntary leaves
-(SIGTERM: the daemon releases its VIPs and announces LEAVE).
+(SIGTERM: the daemon has its VIPs moved to the others, one hand-over message each, then
+announces LEAVE).
 """
 
 from __future__ import annotations
@@ -294,8 +295,9 @@ def claims(ctx) -> None:
         med = statistics.median(gaps) * 1000 if gaps else None
         ctx.claim("leave_max", "A voluntary leave interrupts at most 250 ms",
                   PAPER_LEAVE_MAX_MS, worst, "ms (worst)", len(gaps) == n and worst <= 250,
-                  f"{len(gaps)} of {n} leaves switched over; SIGTERM: the daemon releases its "
-                  f"VIPs, announces LEAVE, the others change view at once")
+                  f"{len(gaps)} of {n} leaves switched over; SIGTERM: the daemon asks the "
+                  f"representative to move its VIPs (each changes hands with one RELEASED "
+                  f"message), then announces LEAVE")
         ctx.claim("leave_typical", "Most voluntary leaves interrupt about 10 ms (one 10 ms "
                   "probe interval: no request lost)", PAPER_LEAVE_TYPICAL_MS, med,
                   "ms (median)", med is not None and med <= 2 * INTERVAL_MS + 5,

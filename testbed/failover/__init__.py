@@ -198,8 +198,9 @@ class Wackamole:
         return p is not None and p.alive
 
     def leave(self, server: str, timeout: float = 10.0) -> int:
-        """A voluntary leave: SIGTERM; the daemon releases its VIPs, announces LEAVE and
-        exits. Returns its exit code."""
+        """A voluntary leave: SIGTERM; the daemon has its VIPs moved to the others (a drain
+        through the representative), releases anything left, announces LEAVE and exits.
+        Returns its exit code."""
         p = self.procs.get(self._check(server))
         if p is None or not p.alive:
             raise TestbedError(f"failover: no daemon running on {server}")
