@@ -328,7 +328,7 @@ def plot(ctx) -> None:
     import matplotlib.pyplot as plt
 
     df = pd.DataFrame(ctx.rows)
-    fig, ax = plt.subplots(figsize=(9, 5.5))
+    fig, ax = plt.subplots(figsize=(11.5, 5.5))
     ax.axhspan(*PAPER_DEFAULT, color="tab:red", alpha=0.08, label="paper: default Spread")
     ax.axhspan(*PAPER_TUNED, color="tab:blue", alpha=0.08, label="paper: tuned Spread")
     ax.axhline(PAPER_LEAVE_MAX_MS / 1000, color="tab:green", ls=":", lw=1,
@@ -350,7 +350,7 @@ def plot(ctx) -> None:
                  "100 Mbit/s LAN")
     ax.set_xticks(sorted(df["servers"].unique()) if len(df) else [])
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="center right")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(ctx.figure("interruption_vs_cluster_size"), dpi=110)
     plt.close(fig)
