@@ -28,9 +28,12 @@ def serve(port: int, name: str) -> None:
     tag = name.encode()[:64]
     print(f"udpprobe server {name} listening on {port}", flush=True)
     while True:
-        data, addr = s.recvfrom(2048)
-        if len(data) >= HDR.size:
-            s.sendto(data[:HDR.size] + tag, addr)
+        try:
+            data, addr = s.recvfrom(2048)
+            if len(data) >= HDR.size:
+                s.sendto(data[:HDR.size] + tag, addr)
+        except OSError:  # e.g. ENETUNREACH while our interface is down: a fault being
+            continue  # emulated, not a reason to stop answering once it is back
 
 
 def probe(dst: str, port: int, interval_ms: float, seconds: float, out: str) -> None:
