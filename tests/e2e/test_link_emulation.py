@@ -55,7 +55,10 @@ def test_jitter_spreads_rtt_within_bounds(backend):
         df = measure.ping(net["h1"], net["h2"], count=60, interval=0.05)
     rtt = df["rtt_ms"].dropna()
     assert rtt.std() > 1.0, f"no spread: sd {rtt.std():.2f} ms"
-    assert rtt.min() >= 2 * (10 - 4) - 0.5 and rtt.max() <= 2 * (10 + 4) + 2, rtt.describe()
+    # never early; late only by the host's scheduling, so the bound holds for 95 % of them
+    # (one ping delayed by a busy CPU is not the emulator's jitter)
+    assert rtt.min() >= 2 * (10 - 4) - 0.5, rtt.describe()
+    assert rtt.quantile(0.95) <= 2 * (10 + 4) + 2, rtt.describe()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
