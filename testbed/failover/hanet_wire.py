@@ -38,10 +38,11 @@ Bodies (IPv4 addresses as u32, big-endian):
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass
+
+from testbed.sealed import TAG_LEN, ReplayWindow, WireError, check_size, tag, verify
 
 MAGIC = 0x484E
 VERSION = 1
@@ -57,7 +58,6 @@ TAKEOVER_HEAD = struct.Struct("!IIIIB")
 RELEASE_BODY = struct.Struct("!II")
 ACK_BODY = struct.Struct("!IBQQ")
 
-TAG_LEN = 16
 HEADER_LEN = HEADER.size  # 28
 MIN_MESSAGE = HEADER_LEN + TAG_LEN
 MAX_NAME = 15
@@ -68,14 +68,6 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 # why a message was dropped: every reason is a counter in the daemon's status
 DROP_REASONS = ("oversized", "truncated", "bad_magic", "bad_version", "bad_hmac",
                 "unknown_type", "malformed", "unknown_sender", "replay", "stale")
-
-
-class WireError(ValueError):
-    """A message that must be dropped; `reason` is one of DROP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def _ip_int(ip: str) -> int:
@@ -175,10 +167,6 @@ class Ack:
 BODIES = {TAKEOVER: Takeover, RELEASE: Release, ACK: Ack}
 
 
-def tag(key: bytes, msg: bytes) -> bytes:
-    return hmac.digest(key, msg, "sha256")[:TAG_LEN]
-
-
 def encode(key: bytes, header: Header, body) -> bytes:
     """One sealed datagram: header + body + tag."""
     if header.type != body.TYPE:
@@ -191,17 +179,13 @@ def decode(key: bytes, data: bytes) -> tuple:
     """Check and parse one datagram: (Header, body). Raises WireError (size, magic, version,
     tag, type, body) before anything in it is believed."""
     n = len(data)
-    if n > MAX_MESSAGE:
-        raise WireError("oversized", f"{n} bytes")
-    if n < MIN_MESSAGE:
-        raise WireError("truncated", f"{n} bytes")
+    check_size(n, MIN_MESSAGE, MAX_MESSAGE)
     magic, version, typ, sender, flags, inc, seq, ts = HEADER.unpack_from(data, 0)
     if magic != MAGIC:
         raise WireError("bad_magic", hex(magic))
     if version != VERSION:
         raise WireError("bad_version", str(version))
-    if not hmac.compare_digest(tag(key, data[:n - TAG_LEN]), data[n - TAG_LEN:]):
-        raise WireError("bad_hmac")
+    verify(key, data, n)
     if typ not in BODIES:
         raise WireError("unknown_type", str(typ))
     body = BODIES[typ].unpack(data[HEADER_LEN:n - TAG_LEN])
@@ -219,7 +203,7 @@ class ReplayGuard:
         self.started_us = started_us
         self.max_age_us = int(max_age_s * 1e6)
         self.window = window
-        self._state: dict = {}  # sender -> [inc, top, bits]
+        self._state: dict = {}  # sender -> (inc, ReplayWindow)
 
     def check(self, header: Header, now_us: int) -> None:
         """Raise WireError('stale' or 'replay') unless the message is fresh; record it."""
@@ -228,22 +212,11 @@ class ReplayGuard:
             raise WireError("stale", f"ts {ts} now {now_us}")
         st = self._state.get(header.sender)
         if st is None or header.inc > st[0]:
-            self._state[header.sender] = [header.inc, header.seq, 1]
-            return
-        inc, top, bits = st
-        if header.inc < inc:
+            st = self._state[header.sender] = (header.inc, ReplayWindow(self.window))
+        elif header.inc < st[0]:
             raise WireError("replay", "older incarnation")
-        seq = header.seq
-        if seq > top:
-            shift = seq - top
-            st[2] = ((bits << shift) | 1) & ((1 << self.window) - 1) if shift < self.window else 1
-            st[1] = seq
-            return
-        d = top - seq
-        if d >= self.window or (bits >> d) & 1:
-            raise WireError("replay", f"seq {seq}")
-        st[2] = bits | (1 << d)
-
+        if not st[1].accept(header.seq):
+            raise WireError("replay", f"seq {header.seq}")
 
 __all__ = ["Header", "Takeover", "Release", "Ack", "encode", "decode", "ReplayGuard",
            "WireError", "TAKEOVER", "RELEASE", "ACK", "OK", "NO_PUBLIC", "REFUSED",

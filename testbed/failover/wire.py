@@ -48,11 +48,12 @@ Bodies (u16 ids, u32 IPv4 addresses, all big-endian):
 
 from __future__ import annotations
 
-import hmac
 import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Optional
+
+from testbed.sealed import TAG_LEN, ReplayWindow, WireError, check_size, tag, verify
 
 MAGIC = 0x574B
 VERSION = 1
@@ -75,7 +76,6 @@ U32 = struct.Struct("!I")
 OWNED = struct.Struct("!IH")
 NEIGH = struct.Struct("!I6s")
 
-TAG_LEN = 16
 HEADER_LEN = HEADER.size  # 28
 MIN_MESSAGE = HEADER_LEN + TAG_LEN
 MAX_MESSAGE = 1472  # the UDP payload of one 1500-byte IPv4 packet
@@ -89,14 +89,6 @@ SF_MATURE = 1
 DROP_REASONS = ("truncated", "oversized", "bad_magic", "bad_version", "bad_hmac",
                 "unknown_type", "unknown_sender", "misdirected", "stale", "replay",
                 "malformed")
-
-
-class WireError(ValueError):
-    """A datagram that must be dropped; `reason` is one of DROP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
 
 
 def ip2int(ip: str) -> int:
@@ -361,10 +353,6 @@ class Header:
                            self.inc, self.seq, self.ts_us)
 
 
-def tag(key: bytes, data) -> bytes:
-    return hmac.digest(key, data, "sha256")[:TAG_LEN]
-
-
 def encode(key: bytes, header: Header, msg) -> bytes:
     """One datagram: header + body + tag. header.type must be msg's type."""
     if header.type != msg.type:
@@ -379,17 +367,13 @@ def decode(key: bytes, data: bytes) -> tuple:
     """(Header, message) of an authenticated datagram; raises WireError. Replay and
     freshness are the receiver's business (ReplayGuard)."""
     n = len(data)
-    if n > MAX_MESSAGE:
-        raise WireError("oversized", f"{n} bytes")
-    if n < MIN_MESSAGE:
-        raise WireError("truncated", f"{n} bytes")
+    check_size(n, MIN_MESSAGE, MAX_MESSAGE)
     magic, version, mtype, sender, dest, inc, seq, ts = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise WireError("bad_magic", hex(magic))
     if version != VERSION:
         raise WireError("bad_version", str(version))
-    if not hmac.compare_digest(tag(key, data[:n - TAG_LEN]), data[n - TAG_LEN:]):
-        raise WireError("bad_hmac")
+    verify(key, data, n)
     if mtype not in TYPE_NAMES:
         raise WireError("unknown_type", str(mtype))
     hdr = Header(mtype, sender, inc, seq, ts, dest, version, magic)
@@ -397,31 +381,6 @@ def decode(key: bytes, data: bytes) -> tuple:
 
 
 # replay protection ----------------------------------------------------------------------------
-
-class ReplayWindow:
-    """Accept each sequence number once: anything above the highest seen, or within `size`
-    below it and not seen yet (IPsec's anti-replay bitmap)."""
-
-    __slots__ = ("size", "top", "bits")
-
-    def __init__(self, size: int = 256):
-        self.size = size
-        self.top = 0
-        self.bits = 0  # bit d: seq top - d seen
-
-    def accept(self, seq: int) -> bool:
-        top = self.top
-        if seq > top:
-            shift = seq - top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) \
-                if shift < self.size else 1
-            self.top = seq
-            return True
-        d = top - seq
-        if seq <= 0 or d >= self.size or (self.bits >> d) & 1:
-            return False
-        self.bits |= 1 << d
-        return True
 
 
 class ReplayGuard:

@@ -49,10 +49,13 @@ Client frames (UNIX SOCK_SEQPACKET, one frame per message; see client.py):
 
 from __future__ import annotations
 
-import hmac
 import struct
 from dataclasses import dataclass, field
 from typing import Optional
+
+# re-exported: the daemon and tests use wire.ReplayWindow, wire.tag
+from testbed.sealed import (TAG_LEN, ReplayWindow, WireError, check_size, seal,  # noqa: F401
+                            tag, verify)
 
 VERSION = 1
 HELLO, HELLO_ACK, LINK_STATE, DATA, LINK_ACK, E2E_ACK = 1, 2, 3, 4, 5, 6
@@ -77,7 +80,6 @@ SESSION = struct.Struct("!IIHI")
 LINK_ACK_BODY = struct.Struct("!BIIH")
 E2E_ACK_BODY = struct.Struct("!IIIBH")
 
-TAG_LEN = 16
 HEADER_LEN = COMMON.size  # 18
 MIN_MESSAGE = HEADER_LEN + TAG_LEN
 MAX_MESSAGE = 1472  # the UDP payload of one 1500-byte IPv4 packet
@@ -105,69 +107,19 @@ SEND_WANT_REPLY = 1
 MAX_FRAME = 65536
 
 
-class WireError(ValueError):
-    """A message that must be dropped; `reason` is one of DROP_REASONS."""
-
-    def __init__(self, reason: str, detail: str = ""):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason = reason
-
-
-# authentication -----------------------------------------------------------------------------
-
-def tag(key: bytes, msg) -> bytes:
-    return hmac.digest(key, msg, "sha256")[:TAG_LEN]
-
-
-def seal(key: bytes, msg) -> bytes:
-    """msg (header + body) with its tag appended."""
-    return bytes(msg) + tag(key, msg)
-
+# authentication (WireError, tag, seal and ReplayWindow: testbed.sealed) ---------------------
 
 def check(buf, n: int, key: bytes) -> tuple:
     """Validate datagram buf[:n]: size, version, tag, type. Returns the unpacked common
     header (version, type, inc, peer_inc, sender, nonce, ts); raises WireError."""
-    if n > MAX_MESSAGE:
-        raise WireError("oversized", f"{n} bytes")
-    if n < MIN_MESSAGE:
-        raise WireError("truncated", f"{n} bytes")
+    check_size(n, MIN_MESSAGE, MAX_MESSAGE)
     hdr = COMMON.unpack_from(buf, 0)
     if hdr[0] != VERSION:
         raise WireError("bad_version", str(hdr[0]))
-    mv = memoryview(buf)
-    if not hmac.compare_digest(tag(key, mv[:n - TAG_LEN]), mv[n - TAG_LEN:n]):
-        raise WireError("bad_hmac")
+    verify(key, buf, n)
     if hdr[1] not in TYPE_NAMES:
         raise WireError("unknown_type", str(hdr[1]))
     return hdr
-
-
-# replay protection --------------------------------------------------------------------------
-
-class ReplayWindow:
-    """Accept each nonce once: anything above the highest seen, or within `size` below it
-    and not seen yet (a bitmap, as IPsec's anti-replay window)."""
-
-    __slots__ = ("size", "top", "bits")
-
-    def __init__(self, size: int = 1024):
-        self.size = size
-        self.top = -1
-        self.bits = 0  # bit d: nonce top - d seen
-
-    def accept(self, nonce: int) -> bool:
-        top = self.top
-        if nonce > top:
-            shift = nonce - top
-            self.bits = ((self.bits << shift) | 1) & ((1 << self.size) - 1) \
-                if shift < self.size else 1
-            self.top = nonce
-            return True
-        d = top - nonce
-        if d >= self.size or (self.bits >> d) & 1:
-            return False
-        self.bits |= 1 << d
-        return True
 
 
 # messages ----------------------------------------------------------------------------------
