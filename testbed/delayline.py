@@ -56,6 +56,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from testbed.files import remove_quietly, write_json_atomic
+
 PARAM_KEYS = ("delay_ms", "jitter_ms", "loss_pct")
 DEFAULT_MAX_HELD = 100_000  # 1 Gbit/s x 1 s of 1500-byte packets is ~83k
 MAX_DATAGRAM = 65536
@@ -551,14 +553,6 @@ class DelayLine:
             wake_w.close()
 
 
-def _write_ready_file(path: str, info: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 class _ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2
         self.exit(2, f"delayline: {message}\n")
@@ -604,7 +598,7 @@ def main(argv=None) -> int:
             _log(str(e))
             return 1
         if args.ready_file:
-            _write_ready_file(
+            write_json_atomic(
                 args.ready_file,
                 {
                     "pid": os.getpid(),
@@ -618,10 +612,7 @@ def main(argv=None) -> int:
     finally:
         line.close()
         if args.ready_file:
-            try:
-                os.unlink(args.ready_file)
-            except FileNotFoundError:
-                pass
+            remove_quietly(args.ready_file)
     return 0
 
 

@@ -39,6 +39,7 @@ from typing import Optional
 from testbed.failover import wire
 from testbed.failover.membership import Membership, Timeouts
 from testbed.failover.vip import Actuator, VipManager
+from testbed.files import write_atomic, write_json_atomic
 
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # reachable, stale, delay, probe, permanent
 EEXIST, EADDRNOTAVAIL = 17, 99
@@ -286,10 +287,7 @@ class Daemon:
             return
         self._status_sig = sig
         self.next_status = now + 1.0  # counters; changes are written at once
-        tmp = self.status_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.status(now, leaving), f)
-        os.replace(tmp, self.status_path)
+        write_json_atomic(self.status_path, self.status(now, leaving))
 
     # loop ------------------------------------------------------------------------------------
     def share_arp(self, now: float) -> None:
@@ -328,8 +326,7 @@ class Daemon:
         ready = self.cfg.get("ready")
         self.write_status(time.monotonic(), force=True)
         if ready:
-            with open(ready, "w") as f:
-                f.write(f"{os.getpid()}\n")
+            write_atomic(ready, f"{os.getpid()}\n")
         log(f"member {self.me} ({self.name}) up: port {self.port}, peers {sorted(self.peers)}, "
             f"timeouts {self.t.as_dict()}, "
             f"{len(self.cfg.get('vips') or []) if self.vipm else 0} VIPs")

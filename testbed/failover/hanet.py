@@ -64,6 +64,7 @@ from typing import Optional
 
 from testbed.errors import SpecError
 from testbed.failover import hanet_wire as wire
+from testbed.files import write_atomic, write_json_atomic
 
 
 METHODS = ("carrier", "arp", "ping")
@@ -679,10 +680,7 @@ class Daemon:
                 "counters": self.counters}
 
     def write_status(self, stopped: bool = False) -> None:
-        tmp = self.cfg.status_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.status(stopped), f)
-        os.replace(tmp, self.cfg.status_file)
+        write_json_atomic(self.cfg.status_file, self.status(stopped))
         self.dirty = False
 
     def send(self, body, dst: tuple) -> float:
@@ -924,9 +922,7 @@ class Daemon:
         self.tick_epoch_wall = time.time() - (time.monotonic() - mono0)
         k = 0
         self.write_status()
-        with open(cfg.ready_file + ".tmp", "w") as f:
-            f.write(str(os.getpid()))
-        os.replace(cfg.ready_file + ".tmp", cfg.ready_file)
+        write_atomic(cfg.ready_file, str(os.getpid()))
         next_status = mono0 + 1.0
         while True:
             due = self.tick_epoch_mono + k * self.tick_s

@@ -36,6 +36,8 @@ import subprocess
 import sys
 import time
 
+from testbed.files import write_atomic
+
 # Surge (Barford and Crovella 1998): file sizes lognormal in the body, Pareto in the tail
 BODY_MU, BODY_SIGMA = 9.357, 1.318
 TAIL_K, TAIL_ALPHA, TAIL_P = 133_000, 1.1, 0.07
@@ -343,9 +345,7 @@ def run_load(clients: list, dst: str, users: int, seconds: float, think_s: float
         for _, p in procs:
             p.wait_ready(log_matches(lambda p=p: p, "ready"), timeout=20)
         start = time.time() + 0.2
-        with open(go + ".tmp", "w") as f:
-            f.write(f"{start:.6f}")
-        os.replace(go + ".tmp", go)
+        write_atomic(go, f"{start:.6f}")
         if during is not None:
             time.sleep(max(0.0, start - time.time()))
             during(start)

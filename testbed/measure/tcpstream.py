@@ -19,6 +19,8 @@ import socket
 import sys
 import time
 
+from testbed.files import write_json_atomic
+
 CHUNK = 16384
 
 
@@ -28,13 +30,6 @@ def _pattern(offset: int, n: int) -> bytes:
     words = (n + skip + 7) // 8
     buf = b"".join((first + i).to_bytes(8, "big") for i in range(words))
     return buf[skip:skip + n]
-
-
-def _write(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
 
 
 def recv(port: int, out: str) -> None:
@@ -59,7 +54,7 @@ def recv(port: int, out: str) -> None:
         last = now
         h.update(data)
         total += len(data)
-    _write(out, {"bytes": total, "sha256": h.hexdigest(), "peer": f"{peer[0]}:{peer[1]}",
+    write_json_atomic(out, {"bytes": total, "sha256": h.hexdigest(), "peer": f"{peer[0]}:{peer[1]}",
                  "max_gap_s": round(max_gap, 6), "reset": reset})
 
 
@@ -89,7 +84,7 @@ def send(dst: str, port: int, rate_mbit: float, seconds: float, out: str) -> Non
     except (ConnectionResetError, BrokenPipeError):
         reset = True
     s.close()
-    _write(out, {"bytes": sent, "sha256": h.hexdigest(), "local": local, "reset": reset})
+    write_json_atomic(out, {"bytes": sent, "sha256": h.hexdigest(), "local": local, "reset": reset})
 
 
 def stream(client, server, port: int = 5600, rate_mbit: float = 10.0, seconds: float = 3.0,

@@ -45,6 +45,7 @@ from typing import Optional
 
 from testbed.errors import TestbedError
 from testbed.process import listening, log_matches
+from testbed.files import write_json_atomic
 
 PAGE = 4096
 PAGE_HDR = struct.Struct("!II")          # page number, crc32
@@ -75,12 +76,6 @@ def _echo(sock: socket.socket, tag: bytes, stop: threading.Event) -> None:
                 sock.sendto(data[:ECHO.size] + tag, addr)
             except OSError:
                 pass
-
-
-def _write_json(path: str, data: dict) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(data, f)
-    os.replace(path + ".tmp", path)
 
 
 class VmSource:
@@ -222,7 +217,7 @@ class VmSource:
         out["dirtied_bytes"] = self.dirtied_bytes
         out["sent_bytes"] = sum(r["bytes"] for r in out["rounds"]) + n * PAGE
         out["sha256"] = hashlib.sha256(self.mem).hexdigest()
-        _write_json(a.out, out)
+        write_json_atomic(a.out, out)
         print("migrated", flush=True)
 
 
@@ -274,7 +269,7 @@ def vm_sink(a) -> None:
     c.sendall(FRAME.pack(b"K" if ok else b"X", 0, 0))
     c.close()
     out["sha256"] = hashlib.sha256(mem).hexdigest()
-    _write_json(a.out, out)
+    write_json_atomic(a.out, out)
     print("sink done", flush=True)
     threading.Event().wait()  # keep serving until stopped
 

@@ -65,6 +65,7 @@ from testbed.overlay.linkstate import COSTS, LinkStateDB, shortest_paths
 from testbed.overlay.reliable import ReceiveWindow, ReorderBuffer, RttEstimator, SRSender
 from testbed.overlay.wire import (BEST_EFFORT, DATA, E2E_ACK, HELLO, HELLO_ACK, LINK_ACK,
                                   LINK_STATE, MASK32, REALTIME, RELIABLE)
+from testbed.files import write_atomic
 
 DEFAULT_PORT = 8100
 BATCH = 64  # datagrams (or client frames) read per readiness event
@@ -1396,9 +1397,7 @@ def main(argv=None) -> int:
           f"neighbours {sorted(cfg['neighbours'])}, cost {cfg['cost']}, "
           f"hello {cfg['hello_ms']:g} ms")
     if ready:
-        with open(ready + ".tmp", "w") as f:
-            f.write(f"{os.getpid()}\n")
-        os.replace(ready + ".tmp", ready)
+        write_atomic(ready, f"{os.getpid()}\n")
     profile_dir = os.environ.get("TESTBED_OVERLAY_PROFILE_DIR")
     prof = None
     if profile_dir:  # where the CPU goes: cProfile stats written at exit

@@ -49,6 +49,8 @@ import subprocess
 import sys
 import uuid
 
+from testbed.files import remove_quietly, write_json_atomic
+
 # /dev/net/tun
 TUNSETIFF = 0x400454CA
 TUNSETOFFLOAD = 0x400454D0
@@ -402,14 +404,6 @@ def parse_args(argv) -> argparse.Namespace:
     return a
 
 
-def _write_ready_file(path: str, info: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(info, f)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     t = Tunnel(args)
@@ -425,7 +419,7 @@ def main(argv=None) -> int:
             _log(f"cannot set up {args.dev}: {reason}")
             return 1
         if args.ready_file:
-            _write_ready_file(args.ready_file, {
+            write_json_atomic(args.ready_file, {
                 "pid": os.getpid(), "dev": args.dev, "local": args.local, "port": args.port,
                 "remote": args.remote, "remote_port": args.remote_port,
                 "inner": str(args.inner), "mtu": args.mtu, "offload": args.offload,
@@ -435,8 +429,5 @@ def main(argv=None) -> int:
     finally:
         t.close()
         if args.ready_file:
-            try:
-                os.unlink(args.ready_file)
-            except FileNotFoundError:
-                pass
+            remove_quietly(args.ready_file)
     return 0

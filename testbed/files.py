@@ -1,0 +1,26 @@
+"""Files that readers poll (ready files, status files, results written by daemons): written
+whole or not at all, by a rename, so a reader never sees half of one. Light on imports:
+daemons started as `python -m ...` use it."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, data) -> None:
+    write_atomic(path, json.dumps(data) + "\n")
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
