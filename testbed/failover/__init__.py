@@ -124,6 +124,34 @@ def held_vips(net, server: str, ifname: str, vips: list) -> list:
     return [v for v in vips if v in found]
 
 
+class VipHolders:
+    """Who holds which VIP, read from the kernel: for a group of servers (self.net,
+    self.servers, self.devs: server -> interface, self.vips), whatever daemon runs them."""
+
+    def held(self, server: str) -> list:
+        """The VIPs on the server's interface, from the kernel."""
+        return held_vips(self.net, self._check(server), self.devs[server], self.vips)
+
+    def holders(self) -> dict:
+        """vip -> [servers holding it], from the kernel."""
+        out = {v: [] for v in self.vips}
+        for s in self.servers:
+            for v in self.held(s):
+                out[v].append(s)
+        return out
+
+    def owner(self, vip: str) -> Optional[str]:
+        """The one server holding vip, or None (none, or several)."""
+        h = self.holders()[vip]
+        return h[0] if len(h) == 1 else None
+
+    def _check(self, server: str) -> str:
+        if server not in self.servers:
+            raise SpecError(f"failover: {server!r} is not a server of this cluster "
+                            f"({', '.join(self.servers)})")
+        return server
+
+
 def set_interface(net, node: str, up: bool, ifname: Optional[str] = None) -> None:
     """Take a node's interface down or up from inside the node (`ip link set down`), as
     unplugging its cable would; on the way up its static routes are put back (the kernel
@@ -142,7 +170,7 @@ def set_interface(net, node: str, up: bool, ifname: Optional[str] = None) -> Non
 
 # the daemons -------------------------------------------------------------------------------------
 
-class Wackamole:
+class Wackamole(VipHolders):
     """The daemons of one cluster on a running Network (see start_wackamole)."""
 
     def __init__(self, net, servers: list, vips: list, devs: dict, configs: dict,
@@ -159,12 +187,6 @@ class Wackamole:
 
     def __repr__(self) -> str:
         return f"<wackamole {len(self.servers)} servers, {len(self.vips)} VIPs>"
-
-    def _check(self, server: str) -> str:
-        if server not in self.ids:
-            raise SpecError(f"failover: {server!r} is not a server of this cluster "
-                            f"({', '.join(self.servers)})")
-        return server
 
     def config_path(self, server: str) -> str:
         return self.configs[self._check(server)]["path"]
@@ -232,23 +254,6 @@ class Wackamole:
 
     def statuses(self) -> dict:
         return {s: self.status(s) for s in self.servers}
-
-    def held(self, server: str) -> list:
-        """The VIPs on the server's interface, from the kernel."""
-        return held_vips(self.net, self._check(server), self.devs[server], self.vips)
-
-    def holders(self) -> dict:
-        """vip -> [servers holding it], from the kernel."""
-        out = {v: [] for v in self.vips}
-        for s in self.servers:
-            for v in self.held(s):
-                out[v].append(s)
-        return out
-
-    def owner(self, vip: str) -> Optional[str]:
-        """The one server holding vip, or None (none, or several)."""
-        h = self.holders()[vip]
-        return h[0] if len(h) == 1 else None
 
     def mac(self, server: str) -> str:
         if server not in self._macs:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from testbed.errors import CapabilityError, SpecError, TestbedError
+from testbed.failover import VipHolders
 
 
 def binary() -> Optional[str]:
@@ -121,7 +122,7 @@ def config(server: str, ifname: str, own_ip: str, peer_ips: list, prefixlen: int
     return "\n".join(lines)
 
 
-class Keepalived:
+class Keepalived(VipHolders):
     """The keepalived daemons of one cluster on a running Network."""
 
     def __init__(self, net, servers: list, vips: list, devs: dict, opts: Options,
@@ -163,22 +164,6 @@ class Keepalived:
     def alive(self, server: str) -> bool:
         p = self.procs.get(server)
         return p is not None and p.alive
-
-    def held(self, server: str) -> list:
-        from testbed.failover import held_vips
-
-        return held_vips(self.net, server, self.devs[server], self.vips)
-
-    def holders(self) -> dict:
-        out = {v: [] for v in self.vips}
-        for s in self.servers:
-            for v in self.held(s):
-                out[v].append(s)
-        return out
-
-    def owner(self, vip: str) -> Optional[str]:
-        h = self.holders()[vip]
-        return h[0] if len(h) == 1 else None
 
     def expected_owner(self, vip: str, up: Optional[list] = None) -> str:
         """The highest-priority server (among up, default all) of vip's instance."""
