@@ -231,20 +231,8 @@ class Streamer:
             if reply != "OK":
                 raise StateError(f"target refused the image: {reply or 'no answer'}")
         except (OSError, StateError) as e:
-            repair.repair(self.conn, False)  # the original keeps the connection
-            with self.lock:
-                if resume_on_failure:
-                    self.frozen = False
-            self.events.append(("migrate_failed", time.time(), str(e)))
-            _log(f"migration failed, {'resuming' if resume_on_failure else 'frozen'}: {e}")
-            raise RuntimeError(f"migration failed: {e}") from None
-        t_sent = time.time()
-        with self.lock:
-            self.migrated = True
-            self.conn.close()  # in repair mode: neither FIN nor RST
-        self.events.append(("migrated", t_sent))
-        _log(f"migrated out: {sent} bytes to {host}:{port}")
-        self.finish()
+            self._failed(e, True, resume_on_failure, "migration")
+        t_sent = self._handed_over(f"migrated out: {sent} bytes to {host}:{port}")
         return {"bytes": sent, "dump_s": t_dump - t0, "transfer_s": t_sent - t_dump,
                 "outq": st.outq_len, "inq": st.inq_len, "offset": app["offset"]}
 
@@ -326,24 +314,36 @@ class Streamer:
             if reply != "OK":
                 raise StateError(f"target refused the image: {reply or 'no answer'}")
         except (OSError, StateError) as e:
-            if dumped:
-                repair.repair(self.conn, False)
-            with self.lock:
-                self.frozen = False
-            self.events.append(("migrate_failed", time.time(), str(e)))
-            _log(f"pre-copy migration failed, resuming: {e}")
-            raise RuntimeError(f"migration failed: {e}") from None
-        t_sent = time.time()
-        with self.lock:
-            self.migrated = True
-            self.conn.close()  # in repair mode: neither FIN nor RST
-        self.events.append(("migrated", t_sent))
-        _log(f"pre-copied out in {len(rounds)} rounds to {host}:{port}")
-        self.finish()
+            self._failed(e, dumped, True, "pre-copy migration")
+        t_sent = self._handed_over(f"pre-copied out in {len(rounds)} rounds to {host}:{port}")
         return {"bytes": sum(r["bytes"] for r in rounds), "rounds": rounds,
                 "t_freeze": t_freeze, "dump_s": 0.0, "transfer_s": t_sent - t_start,
                 "final_bytes": rounds[-1]["bytes"], "outq": st.outq_len, "inq": st.inq_len,
                 "offset": app["offset"]}
+
+    def _failed(self, e: Exception, dumped: bool, resume: bool, what: str) -> None:
+        """A migration out failed: the original keeps the connection (out of repair mode)
+        and, if resume, streams on. Raises RuntimeError."""
+        if dumped:
+            repair.repair(self.conn, False)
+        with self.lock:
+            if resume:
+                self.frozen = False
+        self.events.append(("migrate_failed", time.time(), str(e)))
+        _log(f"{what} failed, {'resuming' if resume else 'frozen'}: {e}")
+        raise RuntimeError(f"migration failed: {e}") from None
+
+    def _handed_over(self, msg: str) -> float:
+        """The target has the connection: close ours silently (in repair mode: neither FIN
+        nor RST) and finish. Returns the time."""
+        t_sent = time.time()
+        with self.lock:
+            self.migrated = True
+            self.conn.close()
+        self.events.append(("migrated", t_sent))
+        _log(msg)
+        self.finish()
+        return t_sent
 
     # restore side ----------------------------------------------------------------------------
     def listen_images(self, host: str, port: int, timeout: float = 300.0) -> None:
