@@ -1,6 +1,6 @@
 """A web workload for the HANet experiment (paper 002 served a Surge workload from Apache):
 a Surge-like file set, a real HTTP server in a node (nginx where installed, else Python's
-threaded http.server), a load generator of keep-alive users, and a UDP probe that runs
+threaded http.server), a load generator of keep-alive users, and a UDP probe (udpecho) that runs
 until told to stop.
 
     files = make_files(dir, n=1000, seed=1)        # -> manifest.json beside the files
@@ -8,7 +8,7 @@ until told to stop.
     df = run_load([net["c1"], ...], "10.20.0.11", users=400, seconds=10, think_s=2,
                   manifest=files)                 # one row per request
 
-The processes (`python testbed/failover/hanet_web.py load|serve|echo|probe`, also
+The processes (`python testbed/failover/hanet_web.py load|serve`, also
 `python -m testbed.failover.hanet_web ...`) import nothing heavy so that they start fast;
 the helpers that run them use pandas.
 
@@ -31,7 +31,6 @@ import os
 import random
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -392,68 +391,7 @@ def summarize(df, t_from: float, t_to: float) -> dict:
             "latency_p95_ms": float(ok["latency_ms"].quantile(0.95)) if len(ok) else math.nan}
 
 
-# a UDP probe that runs until told to stop -----------------------------------------------
-
-def probe_main(a) -> None:
-    """A request every interval_ms to an udpecho server until stop_file appears; writes the
-    CSV of testbed.measure.udpecho (seq, t_send, t_recv, rtt_ms, responder)."""
-    import select
-    import struct
-
-    hdr = struct.Struct("!Id")
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.setblocking(False)
-    sent, recv = {}, {}
-    print("probing", flush=True)
-    start = time.monotonic()
-    seq, stop_at = 0, None
-    while True:
-        now = time.monotonic()
-        if stop_at is None and seq % 10 == 0 and os.path.exists(a.stop_file):
-            stop_at = now + 0.5  # collect the last replies
-        if stop_at is not None and now >= stop_at:
-            break
-        nxt = start + seq * a.interval_ms / 1000
-        if stop_at is None and now >= nxt:
-            sent[seq] = time.time()
-            try:
-                s.sendto(hdr.pack(seq, sent[seq]), (a.dst, a.port))
-            except OSError:
-                pass
-            seq += 1
-            continue
-        r, _, _ = select.select([s], [], [], max(0.0, (stop_at or nxt) - now))
-        while r:
-            try:
-                data, _ = s.recvfrom(2048)
-            except BlockingIOError:
-                break
-            if len(data) >= hdr.size:
-                q, _t = hdr.unpack_from(data)
-                recv.setdefault(q, (time.time(), data[hdr.size:].decode(errors="replace")))
-    with open(a.out + ".tmp", "w") as f:
-        f.write("seq,t_send,t_recv,rtt_ms,responder\n")
-        for q in range(seq):
-            t_recv, who = recv.get(q, (math.nan, ""))
-            f.write(f"{q},{sent[q]:.6f},{t_recv:.6f},{(t_recv - sent[q]) * 1000:.3f},{who}\n")
-    os.replace(a.out + ".tmp", a.out)
-
-
-def echo_main(a) -> None:
-    """The udpecho server, bound to one address, so that replies come from it (a socket
-    bound to 0.0.0.0 answers from whatever address the route to the client prefers)."""
-    import struct
-
-    size = struct.calcsize("!Id")
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind((a.bind, a.port))
-    tag = a.name.encode()[:64]
-    print(f"echo {a.name} on {a.bind}:{a.port}", flush=True)
-    while True:
-        data, addr = s.recvfrom(2048)
-        if len(data) >= size:
-            s.sendto(data[:size] + tag, addr)
-
+# a UDP probe across faults (the processes are testbed.measure.udpecho's) ----------------
 
 class Echo:
     """An echo server on node, bound to ip:port, for Probe."""
@@ -461,7 +399,7 @@ class Echo:
     def __init__(self, node, ip: str, port: int = 9998):
         from testbed.process import listening
 
-        self.proc = node.start([sys.executable, SELF, "echo",
+        self.proc = node.start([sys.executable, "-m", "testbed.measure.udpecho", "server",
                                 "--bind", ip, "--port", str(port), "--name", node.name],
                                name=f"echo{port}", ready=listening(node.ns, port, "udp"))
 
@@ -482,7 +420,7 @@ class Probe:
         for p in (self.stop_file, self.out):
             if os.path.exists(p):
                 os.unlink(p)
-        self.proc = client.start([sys.executable, SELF, "probe",
+        self.proc = client.start([sys.executable, "-m", "testbed.measure.udpecho", "client",
                                   "--dst", dst, "--port", str(port), "--interval-ms",
                                   str(interval_ms), "--stop-file", self.stop_file,
                                   "--out", self.out], name=f"probe{port}")
@@ -535,26 +473,12 @@ def main(argv=None) -> int:
     ld.add_argument("--timeout-s", type=float, default=30.0)
     ld.add_argument("--go-file", required=True)
     ld.add_argument("--out", required=True)
-    ec = sub.add_parser("echo")
-    ec.add_argument("--bind", required=True)
-    ec.add_argument("--port", type=int, required=True)
-    ec.add_argument("--name", default=socket.gethostname())
-    pr = sub.add_parser("probe")
-    pr.add_argument("--dst", required=True)
-    pr.add_argument("--port", type=int, required=True)
-    pr.add_argument("--interval-ms", type=float, default=10)
-    pr.add_argument("--stop-file", required=True)
-    pr.add_argument("--out", required=True)
     a = ap.parse_args(argv)
     try:
         if a.mode == "serve":
             serve(a.root, a.port)
-        elif a.mode == "load":
-            load_main(a)
-        elif a.mode == "echo":
-            echo_main(a)
         else:
-            probe_main(a)
+            load_main(a)
     except KeyboardInterrupt:
         pass
     return 0

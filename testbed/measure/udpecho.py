@@ -1,10 +1,13 @@
 """The processes behind measure.udp_probe (kept free of pandas so they start fast).
 
-Server: `python -m testbed.measure.udpecho server --port P --name NAME` echoes each request
-with its own name, so a client sees which server answered (for failover experiments).
-Client: `... client --dst IP --port P --interval-ms 10 --seconds S --out FILE.csv` prints
-"probing" when it starts and writes one row per request: seq, t_send, t_recv (NaN if no
-reply), rtt_ms, responder.
+Server: `python -m testbed.measure.udpecho server --port P --name NAME [--bind IP]` echoes
+each request with its own name, so a client sees which server answered (for failover
+experiments). Bound to one address (--bind), replies come from it; bound to 0.0.0.0 they
+come from whatever address the route to the client prefers.
+Client: `... client --dst IP --port P --interval-ms 10 (--seconds S | --stop-file F)
+--out FILE.csv` prints "probing" when it starts, sends until S seconds have passed or F
+appears, collects late replies for a while longer, and writes one row per request: seq,
+t_send, t_recv (NaN if no reply), rtt_ms, responder.
 """
 
 from __future__ import annotations
@@ -18,15 +21,16 @@ import socket
 import struct
 import sys
 import time
+from typing import Optional
 
 HDR = struct.Struct("!Id")  # seq, client send time
 
 
-def serve(port: int, name: str) -> None:
+def serve(port: int, name: str, bind: str = "0.0.0.0") -> None:
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    s.bind(("0.0.0.0", port))
+    s.bind((bind, port))
     tag = name.encode()[:64]
-    print(f"udpprobe server {name} listening on {port}", flush=True)
+    print(f"udpprobe server {name} listening on {bind}:{port}", flush=True)
     while True:
         try:
             data, addr = s.recvfrom(2048)
@@ -36,18 +40,23 @@ def serve(port: int, name: str) -> None:
             continue  # emulated, not a reason to stop answering once it is back
 
 
-def probe(dst: str, port: int, interval_ms: float, seconds: float, out: str) -> None:
+def probe(dst: str, port: int, interval_ms: float, seconds: Optional[float], out: str,
+          stop_file: Optional[str] = None) -> None:
+    """Send for `seconds` (then collect replies for 1 s more), or until stop_file appears
+    (then 0.5 s more)."""
     s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     s.setblocking(False)
-    n = int(seconds * 1000 / interval_ms)
+    n = int(seconds * 1000 / interval_ms) if seconds is not None else math.inf
     sent: dict = {}
     recv: dict = {}
     print("probing", flush=True)
     start = time.monotonic()
     seq = 0
-    end = start + seconds + 1.0  # a last second to collect late replies
+    end = start + seconds + 1.0 if seconds is not None else math.inf
     while True:
         now = time.monotonic()
+        if stop_file and end == math.inf and seq % 10 == 0 and os.path.exists(stop_file):
+            n, end = seq, now + 0.5  # collect the last replies
         if now >= end:
             break
         next_send = start + seq * interval_ms / 1000.0
@@ -85,18 +94,22 @@ def main(argv=None) -> int:
     a = sub.add_parser("server")
     a.add_argument("--port", type=int, required=True)
     a.add_argument("--name", default=socket.gethostname())
+    a.add_argument("--bind", default="0.0.0.0")
     b = sub.add_parser("client")
     b.add_argument("--dst", required=True)
     b.add_argument("--port", type=int, required=True)
     b.add_argument("--interval-ms", type=float, default=10)
-    b.add_argument("--seconds", type=float, required=True)
+    until = b.add_mutually_exclusive_group(required=True)
+    until.add_argument("--seconds", type=float)
+    until.add_argument("--stop-file")
     b.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     try:
         if args.mode == "server":
-            serve(args.port, args.name)
+            serve(args.port, args.name, args.bind)
         else:
-            probe(args.dst, args.port, args.interval_ms, args.seconds, args.out)
+            probe(args.dst, args.port, args.interval_ms, args.seconds, args.out,
+                  args.stop_file)
     except KeyboardInterrupt:
         pass
     return 0
