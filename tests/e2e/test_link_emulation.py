@@ -9,6 +9,7 @@ import pytest
 
 from testbed import Network, Topology, capabilities, measure
 from testbed.measure.stats import wilson
+from testbed.process import TIMEOUT_SCALE
 from topologies import pair
 
 
@@ -149,19 +150,29 @@ def test_backend_recorded():
 @pytest.mark.skipif(len(BACKENDS) < 2, reason="needs netem and the delay line side by side: "
                     "runs on the full kernel (make test-fullkernel)")
 def test_backends_agree_on_delay_and_loss():
-    """The same link on netem and on the delay line: same RTT and same loss, within
-    tolerance (RTTs within max(1 ms, 5 %) of each other; each loss inside the other's
-    95 % interval). Runs in the full-kernel VM, where TCG adds ~1-3 ms per round trip."""
-    rtts, losses = {}, {}
+    """The same link on netem and on the delay line: the same delay and the same loss,
+    within tolerance. Delay: what each backend adds for a 25 ms one-way delay over its own
+    RTT at 0 ms (same network, changed at runtime) agree within max(1 ms, 5 %) of the 50 ms,
+    and each is within 1.5 ms of 50. A backend's fixed cost (its RTT at 0 ms: the delay
+    line's trip through NFQUEUE and Python) is bounded separately, scaled by
+    TESTBED_TIMEOUT_SCALE: the full-kernel VM runs under qemu's TCG, which makes that trip
+    ~10x slower (measured there: netem 51.5 ms against the delay line's 54.85 ms at 25 ms).
+    Loss: each measured loss inside the other's 95 % interval."""
+    rtts, base, losses = {}, {}, {}
     for backend in ("netem", "delayline"):
-        with Network(pair.build(delay_ms=25), backend=backend) as net:
-            rtts[backend] = median_rtt(net, count=30)
-        topo = pair.build(delay_ms=1, loss_pct=10, lossy_direction="a_to_b")
-        with Network(topo, backend=backend, seed=5) as net:
+        with Network(pair.build(delay_ms=25), backend=backend, seed=5) as net:
+            link = net.link("h1", "h2")
+            rtts[backend] = median_rtt(net, count=20)
+            link.set(delay_ms=0)
+            base[backend] = median_rtt(net, count=20)
+            link.set(direction="a_to_b", delay_ms=1, loss_pct=10)
             df = measure.udp_probe(net["h1"], net["h2"], seconds=2, interval_ms=1)
         losses[backend] = (int(df["t_recv"].isna().sum()), len(df))
-    assert abs(rtts["netem"] - rtts["delayline"]) <= max(1.0, 0.05 * 50), rtts
-    assert all(49.5 <= r <= 56 for r in rtts.values()), rtts
+    added = {b: rtts[b] - base[b] for b in rtts}
+    info = {"rtt_at_25ms": rtts, "rtt_at_0ms": base, "added": added}
+    assert abs(added["netem"] - added["delayline"]) <= max(1.0, 0.05 * 50), info
+    assert all(abs(a - 50) <= 1.5 for a in added.values()), info
+    assert all(b <= 1.0 * TIMEOUT_SCALE for b in base.values()), info
     for a, b in (("netem", "delayline"), ("delayline", "netem")):
         lo, hi = wilson(*losses[a])
         k, n = losses[b]
