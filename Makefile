@@ -5,11 +5,11 @@ PYTEST := $(VENV)/bin/python -m pytest
 
 # What runs inside the full-kernel VM (Debian's stock kernel under qemu TCG, ~10x slower
 # than native): the tests marked `fullkernel`, those whose path depends on the kernel
-# (the capability probe, 802.1Q VLANs, GRE/IPIP tunnels, native schedulers, netem vs the
-# delay line, and the smoke runs of the experiments that use them, on the native backends
-# only: TESTBED_NATIVE_ONLY=1). Kernel-agnostic tests (lifecycle, routing, FRR, the systems
-# under test) run on the host only. Only these files are collected: importing every test
-# module costs a minute under TCG. Readiness timeouts are scaled for the slow VM.
+# (the capability probe, 802.1Q VLANs with TESTBED_NATIVE_ONLY=1, GRE/IPIP tunnels, native
+# schedulers, netem vs the delay line, and the smoke runs of emulator_tunnels and
+# qos_custom_queuing). Kernel-agnostic tests (lifecycle, routing, FRR, the systems under
+# test) run on the host only. Only these files are collected: importing every test module
+# costs a minute under TCG. Readiness timeouts are scaled for the slow VM.
 FULLKERNEL_FILES := tests/kernel/test_capabilities.py tests/kernel/test_vlans.py \
 	tests/kernel/test_tunnels.py tests/kernel/test_queueing.py \
 	tests/e2e/test_link_emulation.py tests/e2e/test_experiments_smoke.py

@@ -8,8 +8,6 @@ TCP throughput at 20 ms one way.
 
 from __future__ import annotations
 
-import os
-
 from testbed import Network, capabilities, measure
 from testbed.measure.stats import wilson
 from topologies import pair
@@ -102,8 +100,6 @@ def run(ctx) -> None:
     ctx.params.update(rates_mbit=rates, delays_ms=delays, losses_pct=losses,
                       iperf_seconds=seconds, goodput_grid=goodput_grid, ping_count=pings)
     bks = capabilities.probe().delay_backends
-    if os.environ.get("TESTBED_NATIVE_ONLY") == "1" and "netem" in bks:
-        bks = ["netem"]  # the full-kernel test tier: the delay line is tested on the host
     ctx.params["backends"] = bks
     for backend in bks:
         ratios = [goodput(ctx, backend, r, d, seconds) for r, d in goodput_grid]
