@@ -166,7 +166,9 @@ def test_backends_agree_on_delay_and_loss():
             link.set(delay_ms=0)
             base[backend] = median_rtt(net, count=20)
             link.set(direction="a_to_b", delay_ms=1, loss_pct=10)
-            df = measure.udp_probe(net["h1"], net["h2"], seconds=2, interval_ms=1)
+            # 250 requests/s: under TCG the delay line cannot keep up with 1000/s each way
+            # (56 % of replies missing there at 1 ms, against 9.7 % with netem)
+            df = measure.udp_probe(net["h1"], net["h2"], seconds=4, interval_ms=4)
         losses[backend] = (int(df["t_recv"].isna().sum()), len(df))
     info = {"rtt_at_25ms": rtts, "rtt_at_0ms": base}
     tol = max(1.0, 0.05 * 50)
