@@ -97,6 +97,11 @@ def _ioctl_int(sock: socket.socket, req: int) -> int:
     return struct.unpack("=i", fcntl.ioctl(sock.fileno(), req, b"\0" * 4))[0]
 
 
+def send_queue_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue: not yet sent, or sent and not yet acknowledged."""
+    return _ioctl_int(sock, SIOCOUTQ)
+
+
 def repair(sock: socket.socket, on: bool) -> None:
     sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF)
 

@@ -25,6 +25,7 @@ import threading
 import time
 from typing import Callable, Optional
 
+from testbed.migration.repair import send_queue_bytes
 from testbed.mirror import volume as vol
 from testbed.mirror import wire
 from testbed.mirror.bucket import TokenBucket
@@ -437,6 +438,22 @@ def sync(volume_path: str, host: str, port: int = wire.DEFAULT_PORT,
         os.close(lock_fd)
 
 
+def _await_reply(s: socket.socket, idle_timeout: float) -> Message:
+    """The receiver's answer to END. It comes once every byte in our send queue has reached
+    the receiver and been committed, and on a shaped link (or one shared with background
+    traffic) that queue holds seconds of data: so time out only when nothing has been
+    acknowledged for idle_timeout s, as a receiver's idle timeout does."""
+    last, deadline = None, time.monotonic() + idle_timeout
+    while not select.select([s], [], [], 0.1)[0]:
+        queued, now = send_queue_bytes(s), time.monotonic()
+        if queued != last:
+            last, deadline = queued, now + idle_timeout
+        elif now > deadline:
+            raise TimeoutError(f"no reply, and no byte acknowledged for {idle_timeout:g} s "
+                               f"({queued} bytes still queued)")
+    return wire.recv(s)
+
+
 def _send(path, host, port, block_size, mode, rate_mbit, timeout, t0, corrupt_block,
           truncate_after) -> dict:
     fl, hl = vol.hash_volume(path, block_size)
@@ -497,7 +514,7 @@ def _send(path, host, port, block_size, mode, rate_mbit, timeout, t0, corrupt_bl
             else:
                 stats["wire_bytes"] += wire.send(
                     s, Message(wire.END, (stats["blocks_sent"], wire.manifest(hl))))
-            reply = wire.recv(s)
+            reply = _await_reply(s, timeout)
         except (OSError, WireError) as e:
             reason = _pending_error(s)
             if reason:
