@@ -207,7 +207,7 @@ class Streamer:
                 raise RuntimeError("freeze the stream before migrating it")
         t0 = time.time()
         deadline = t0 + 1.0  # let the in-flight data be acked: less to retransmit later
-        while repair._ioctl_int(self.conn, repair.SIOCOUTQ) and time.time() < deadline:
+        while repair.send_queue_bytes(self.conn) and time.time() < deadline:
             time.sleep(0.002)
         with self.lock:
             st, sendq, recvq = repair.dump(self.conn)
@@ -259,7 +259,7 @@ class Streamer:
                         s.sendall(chunk)
                         n += len(chunk)
                     deadline = time.time() + timeout
-                    while repair._ioctl_int(s, repair.SIOCOUTQ):
+                    while repair.send_queue_bytes(s):
                         if time.time() > deadline:
                             raise OSError(f"pre-copy round not acked within {timeout:g} s")
                         time.sleep(0.001)
@@ -292,7 +292,7 @@ class Streamer:
                     self.frozen = True
                 self.events.append(("freeze", t_freeze))
                 deadline = t_freeze + 1.0
-                while repair._ioctl_int(self.conn, repair.SIOCOUTQ) and time.time() < deadline:
+                while repair.send_queue_bytes(self.conn) and time.time() < deadline:
                     time.sleep(0.002)
                 with self.lock, self.dirty_lock:
                     st, sendq, recvq = repair.dump(self.conn)
