@@ -148,7 +148,9 @@ class Session:
         self.m, self.sock = mirror, sock
         self.staging = None
 
-    def run(self, begin: Message) -> None:
+    def run(self, begin: Message) -> bytes:
+        """Stage and commit one sync; returns the committed manifest. The caller sends DONE
+        only after releasing the mirror, so a sender that gets DONE can sync again at once."""
         mode, block_size, nfiles = begin.fields
         newfiles = begin.tail
         try:
@@ -228,9 +230,8 @@ class Session:
                     self._commit(kind, newfiles)
                     self.m.committed(newfiles, hl)
                     self.m.syncs += 1
-                    wire.send(self.sock, Message(wire.DONE, (man,)))
                     log.info("commit: %d blocks, manifest %s", count, man.hex()[:16])
-                    return
+                    return man
                 else:
                     raise MirrorError(f"unexpected {msg.name} during a sync")
         finally:
@@ -332,10 +333,11 @@ class _Handler(socketserver.BaseRequestHandler):
                         return
                     t0 = time.monotonic()
                     try:
-                        Session(srv.mirror, sock).run(msg)
-                        log.info("sync from %s done in %.2f s", peer, time.monotonic() - t0)
+                        man = Session(srv.mirror, sock).run(msg)
                     finally:
                         srv.mirror.unlock()
+                    wire.send(sock, Message(wire.DONE, (man,)))
+                    log.info("sync from %s done in %.2f s", peer, time.monotonic() - t0)
                 else:
                     raise WireError(f"unexpected {msg.name}")
         except (MirrorError, WireError, OSError) as e:
