@@ -129,8 +129,11 @@ def link_rtt_estimator() -> RttEstimator:
     """A link's retransmission timer: RTT-based with 10 ms of slack for batched acks, at
     least 20 ms, backing off to at most 8x (a link's loss is not an outage: the hello
     protocol, not the timer, decides that a neighbour is gone). The 20 ms floor keeps a
-    daemon descheduled for a few ms on a busy machine from resending a whole window."""
-    return RttEstimator(init_rto=0.2, min_rto=0.02, max_rto=0.5, granularity=0.01,
+    daemon descheduled for a few ms on a busy machine from resending a whole window.
+    The ceiling is far above any link's RTT: a slow link with a long queue (0.5 Mbit/s
+    behind 100 packets: 2.2 s) has RTTs of seconds, and a ceiling below them (it was
+    0.5 s) fires on every window and resends what is still queued."""
+    return RttEstimator(init_rto=0.2, min_rto=0.02, max_rto=10.0, granularity=0.01,
                         max_backoff=8)
 
 
@@ -235,8 +238,8 @@ class SendSession:
         # an earlier one is lost (as RACK treats it)
         self.sr = SRSender(cc=True, fast_retransmit=self.proto != RELIABLE, window=E2E_WINDOW,
                            dupthresh=1,
-                           rtt=RttEstimator(init_rto=1.0, min_rto=0.2, max_rto=2.0,
-                                            granularity=0.02))
+                           rtt=RttEstimator(init_rto=1.0, min_rto=0.2, max_rto=20.0,
+                                            granularity=0.02, max_backoff=16))
         self.pending: collections.deque = collections.deque()
         self.timer_at: Optional[float] = None
         self.closed_at: Optional[float] = None
