@@ -357,7 +357,7 @@ def _claims(ctx, mn_missing) -> None:
                   f"the namespaces are unlinked, the kernel frees them asynchronously "
                   f"(kernel_free_s in data.csv, not counted); the guide's "
                   f"reference for Mininet here is 6.6 s; the two alternated run by run; "
-                  f"1-min load average {_load(tb50 + mn50)} (2 CPUs, shared machine)")
+                  f"1-min load average {_load(tb50 + mn50)} ({os.cpu_count()} CPUs)")
     else:
         why = mn_missing or "Mininet did not complete linear,50 (see data.csv status)"
         if not tb50:

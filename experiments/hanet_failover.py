@@ -381,7 +381,7 @@ def claims(ctx, fo, wb, top_users) -> None:
               f"and if this machine can tell 5 % apart: between two identical paths (daemon on "
               f"vs off) the same measure gives {_fmt_pct(on_r)} at {top_users} users and "
               f"{_fmt_pct(on_lo)} at {lo_users} users (private link there: {_fmt_pct(fe_lo)}), "
-              f"from the other jobs sharing the 2 cores; with noise above 5 % the claim is "
+              f"from scheduling noise on {ctx.machine}; with noise above 5 % the claim is "
               f"neither shown nor refuted here")
     ratio = 100 * fe["throughput_mbit"] / on["throughput_mbit"]
     ctx.claim("fe_throughput", "the server using a Fast Ethernet link does not incur throughput "

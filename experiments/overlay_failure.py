@@ -106,8 +106,8 @@ def run(ctx) -> None:
               f"avoids b (polled every 5 ms over the control socket). A neighbour is declared "
               f"dead after 2.5 hello intervals of silence, then the link-state update floods; "
               f"the longest silence at f: {[r['data_gap_ms'] for r in rows]} ms (includes "
-              "retransmission of what b held). Daemon scheduling on the loaded 2-core machine "
-              "adds to both.")
+              "retransmission of what b held). Daemon scheduling on this machine's "
+              f"{ctx.machine} adds to both.")
     ok = sum(r["exactly_once_in_order"] for r in rows)
     ctx.claim("exactly_once", "A reliable session delivers every message exactly once and in "
               "order across the failure", None, ok, f"of {trials} trials", ok == trials,

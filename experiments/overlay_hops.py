@@ -72,8 +72,8 @@ def run(ctx) -> None:
                       f"{lo} %: " + ", ".join(f"{h} hops {res[(h, lo)][key]}" for h in hops_list)
                       for lo in losses)
                   + f" (% above {label}). Holds if <= 4 hops reach 80 % of the largest drop "
-                  "from 1 hop. More hops also mean more Python delay lines and daemons on the "
-                  "2 loaded cores: their scheduling jitter grows with hop count and pushes "
+                  "from 1 hop. More hops also mean more Python delay lines and daemons on "
+                  f"{ctx.machine}: their scheduling jitter grows with hop count and pushes "
                   "never-lost messages late, which works against long chains here.")
     plot(ctx, hops_list, losses, res)
 

@@ -65,7 +65,7 @@ def run(ctx) -> None:
     mach = (f"No-loss baseline here (lowest median of the 0 % runs at 500 kbit/s): "
             f"{base[500]:.1f} ms, of which "
             "50 ms is propagation; the rest is serialization and Python (five NFQUEUE delay "
-            "lines, six overlay daemons) on a loaded 2-core machine, whose scheduling jitter "
+            f"lines, six overlay daemons) on {ctx.machine}, whose scheduling jitter "
             f"alone puts {tab[(500, losses[0], 'hbh')]['pct_over_60']} % of hop-by-hop "
             f"messages above 60 ms at {losses[0]} % loss. The relative thresholds "
             "(baseline +10 / +50 ms) remove the machine's base delay but not its jitter.")

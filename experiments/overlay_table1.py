@@ -91,7 +91,7 @@ def run(ctx) -> None:
            f"{base['hbh']:.1f} ms hop by hop, {base['e2e']:.1f} ms end to end and "
            f"{base['tcp']:.1f} ms over kernel TCP (50 ms is propagation; the rest is "
            "serialization at 10 Mbit/s, five Python NFQUEUE delay lines and, for the overlay, "
-           "six Python daemons on a loaded 2-core machine, whose scheduling jitter delays "
+           f"six Python daemons on {ctx.machine}, whose scheduling jitter delays "
            "single packets by tens of ms).")
     ctx.claim("hbh_vs_e2e", "Hop-by-hop recovery lowers the average delay against end-to-end "
               "recovery (paper: end-to-end SACK TCP 144.70 ms vs Spines hop by hop 117.55 ms)",

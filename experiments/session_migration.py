@@ -144,8 +144,8 @@ def run(ctx) -> None:
               PAPER_SUSPENSION["bod"], sb.median(), "s", bool(sb.median() <= fb),
               f"median of {len(b)} migrations of a {bod_image:g} MB image over "
               f"{BOD_MBIT:g} Mbit/s against the target {fb:.3f} s (holds on the median); "
-              f"{over} of {len(b)} above it, max {sb.max():.3f} s, on 2 cores shared with "
-              f"other jobs; step 5 (drain + dump, transfer with checksum on both ends, "
+              f"{over} of {len(b)} above it, max {sb.max():.3f} s, on {ctx.machine}; "
+              f"step 5 (drain + dump, transfer with checksum on both ends, "
               f"reply) median {b['step5_s'].median():.3f} s, of which the drain of unacked "
               f"data + TCP_REPAIR dump median {b['drain_dump_s'].median() * 1000:.1f} ms; "
               f"the socket rebuild (step 8) median {b['restore_s'].median() * 1000:.1f} ms")

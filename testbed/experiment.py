@@ -46,6 +46,7 @@ class Context:
     params: dict = field(default_factory=dict)
     figures: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
+    load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])
 
     @property
     def quick(self) -> bool:
@@ -59,6 +60,12 @@ class Context:
     def pick(self, smoke, quick, full):
         """The value for this mode."""
         return {"smoke": smoke, "quick": quick, "full": full}[self.mode]
+
+    @property
+    def machine(self) -> str:
+        """The machine for a claim's why: '2 cores (1-min load 0.4 when the run began)'."""
+        return (f"{os.cpu_count()} cores (1-min load {self.load_at_start:.1f} when the run "
+                f"began)")
 
     def progress(self, msg: str) -> None:
         """One line on stderr with the elapsed time, so long runs show where they are."""
