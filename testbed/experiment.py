@@ -47,6 +47,7 @@ class Context:
     figures: list = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])
+    cpu_at_start: Optional[list] = field(default_factory=lambda: _cpu_times())
 
     @property
     def quick(self) -> bool:
@@ -62,10 +63,24 @@ class Context:
         return {"smoke": smoke, "quick": quick, "full": full}[self.mode]
 
     @property
+    def steal_pct(self) -> Optional[float]:
+        """Share of CPU time the hypervisor took (steal) since the run began, or None."""
+        now = _cpu_times()
+        if not now or not self.cpu_at_start:
+            return None
+        d = [b - a for a, b in zip(self.cpu_at_start, now)]
+        total = sum(d[:8])  # user .. steal (guest time is already in user)
+        return round(100.0 * d[7] / total, 1) if total > 0 else None
+
+    @property
     def machine(self) -> str:
-        """The machine for a claim's why: '2 cores (1-min load 0.4 when the run began)'."""
+        """The machine for a claim's why: '2 cores (1-min load 0.4 when the run began;
+        the hypervisor took 6 % of CPU time during it)'."""
+        steal = self.steal_pct
+        extra = "" if steal is None else (f"; the hypervisor took {steal:g} % of CPU time "
+                                          f"during it")
         return (f"{os.cpu_count()} cores (1-min load {self.load_at_start:.1f} when the run "
-                f"began)")
+                f"began{extra})")
 
     def progress(self, msg: str) -> None:
         """One line on stderr with the elapsed time, so long runs show where they are."""
@@ -92,6 +107,19 @@ class Context:
         path = os.path.join(self.out_dir, name if name.endswith(".png") else name + ".png")
         self.figures.append(os.path.basename(path))
         return path
+
+
+def _cpu_times() -> Optional[list]:
+    """The aggregate 'cpu' line of /proc/stat: user nice system idle iowait irq softirq
+    steal ... in clock ticks (None where there is none)."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    return [int(x) for x in fields[1:]]
 
 
 def available() -> list:

@@ -53,7 +53,7 @@ def write(ctx, mod, runtime_s: float) -> None:
 
     pd.DataFrame(ctx.rows).to_csv(os.path.join(ctx.out_dir, "data.csv"), index=False)
     summary = {"experiment": ctx.name, "title": mod.TITLE, "paper": mod.PAPER,
-               "mode": ctx.mode, "runtime_s": round(runtime_s, 1),
+               "mode": ctx.mode, "runtime_s": round(runtime_s, 1), "machine": ctx.machine,
                "claims": [asdict(c) for c in ctx.claims], "figures": ctx.figures}
     with open(os.path.join(ctx.out_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -65,7 +65,8 @@ def write(ctx, mod, runtime_s: float) -> None:
                         for k, v in ctx.backends.items()},
            "kernel_delay_backend": caps.delay_backend, "netem": caps.qdiscs.get("netem"),
            "tcp_congestion_control": _read("/proc/sys/net/ipv4/tcp_congestion_control"),
-           "parameters": ctx.params, "versions": _versions(), "cpus": os.cpu_count()}
+           "parameters": ctx.params, "versions": _versions(), "cpus": os.cpu_count(),
+           "load_at_start": ctx.load_at_start, "steal_pct": ctx.steal_pct}
     with open(os.path.join(ctx.out_dir, "env.json"), "w") as f:
         json.dump(env, f, indent=2, default=str)
 
@@ -96,7 +97,8 @@ def report(results_dir: str) -> str:
         lines += [f"## Paper {paper}" if paper != "emulator" else "## The emulator itself", ""]
         for s in by_paper[paper]:
             lines += [f"### {s['experiment']}: {s['title']}",
-                      f"mode {s['mode']}, {s['runtime_s']} s; figures: "
+                      f"mode {s['mode']}, {s['runtime_s']} s"
+                      + (f" on {s['machine']}" if s.get("machine") else "") + "; figures: "
                       + (", ".join(f"[{f}]({s['experiment']}/{f})" for f in s.get('figures', []))
                          or "none"), "",
                       "| claim | paper | measured | unit | holds | why |",

@@ -40,6 +40,9 @@ def test_experiment_writes_results(name, tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["kernel"] and env["git_commit"]
     assert env["kernel_delay_backend"] in ("netem", "delayline")
+    # the machine the numbers came from: cores, load, and the hypervisor's steal
+    assert f"{os.cpu_count()} cores" in summary["machine"]
+    assert env["steal_pct"] is None or 0 <= env["steal_pct"] <= 100
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     assert pngs and all((out / f).stat().st_size > 10_000 for f in pngs)
     assert set(summary["figures"]) == set(pngs)
