@@ -24,6 +24,10 @@ def run(ctx) -> None:
     rates = ctx.pick(smoke=[500], quick=[500, 1000], full=[500, 1000])
     seconds = ctx.pick(smoke=4, quick=8, full=30)
     repeats = ctx.pick(smoke=1, quick=1, full=3)
+    # the claims' point (1 %, 500 kbit/s) gets more repeats: a run of 8 s holds ~5 losses,
+    # and a burst of scheduling noise on a shared machine can spoil one run
+    ref = 1 if 1 in losses else losses[-1]
+    ref_repeats = ctx.pick(smoke=1, quick=3, full=5)
     ctx.params.update(losses_pct=losses, rates_kbit=rates, seconds=seconds, repeats=repeats,
                       hops=5, delay_ms=10, rate_mbit=10, queue_pkts=QUEUE, message_bytes=1000,
                       overlay_hello_ms=500, jitter="standard deviation of one-way delay")
@@ -38,7 +42,7 @@ def run(ctx) -> None:
         for rate in rates:
             for loss in losses:
                 cd.set(loss_pct=loss)
-                for rep in range(repeats):
+                for rep in range(ref_repeats if (rate, loss) == (500, ref) else repeats):
                     for mode in ("e2e", "hbh"):
                         d, info = overlay_stream(net, ov, "a", "f", rate, seconds, mode)
                         runs.append((rate, loss, mode, rep, d, info))
@@ -60,8 +64,16 @@ def run(ctx) -> None:
                 duplicates=info["duplicates"])
     tab = {k: summarize(np.concatenate(v), base[k[0]]) for k, v in agg.items()}
     ctx.params["aggregate"] = {f"{r}kbit/{lo}%/{m}": s for (r, lo, m), s in tab.items()}
-    ref = 1 if 1 in losses else losses[-1]
-    e, h = tab[(500, ref, "e2e")], tab[(500, ref, "hbh")]
+    # the claims: per metric, the median over the repeats at (500 kbit/s, ref)
+    per_rep = {m: [summarize(d, base[500]) for r, lo, mm, _rep, d, _i in runs
+                   if (r, lo, mm) == (500, ref, m)] for m in ("e2e", "hbh")}
+    e, h = ({k: float(np.median([x[k] for x in per_rep[m]])) for k in per_rep[m][0]}
+            for m in ("e2e", "hbh"))
+
+    def each(m: str, k: str) -> str:
+        return "/".join(f"{x[k]:g}" for x in per_rep[m])
+
+    nrep = len(per_rep["hbh"])
     mach = (f"No-loss baseline here (lowest median of the 0 % runs at 500 kbit/s): "
             f"{base[500]:.1f} ms, of which "
             "50 ms is propagation; the rest is serialization and Python (five NFQUEUE delay "
@@ -69,32 +81,37 @@ def run(ctx) -> None:
             f"alone puts {tab[(500, losses[0], 'hbh')]['pct_over_60']} % of hop-by-hop "
             f"messages above 60 ms at {losses[0]} % loss. The relative thresholds "
             "(baseline +10 / +50 ms) remove the machine's base delay but not its jitter.")
+    at = (f"at {ref} % loss, 500 kbit/s, median of {nrep} runs of {seconds} s (per run: "
+          "e2e / hbh")
     ctx.claim("over60", "At 1 % loss, 500 kbit/s: above 60 ms, end to end more than 27 %, "
               "hop by hop about 3 %", 3.0, h["pct_over_60"], "% of messages (hop by hop)",
               h["pct_over_60"] <= 3.0 * 1.5 and e["pct_over_60"] > h["pct_over_60"],
-              f"measured at {ref} %: e2e {e['pct_over_60']} % vs hbh {h['pct_over_60']} % above "
-              f"60 ms; above baseline+10 ms e2e {e['pct_over_base10']} % vs hbh "
-              f"{h['pct_over_base10']} %. Holds if hbh is within 1.5x the paper's 3 % and below "
-              f"e2e. {mach}")
+              f"{at} {each('e2e', 'pct_over_60')} / {each('hbh', 'pct_over_60')} %): e2e "
+              f"{e['pct_over_60']:g} % vs hbh {h['pct_over_60']:g} % above 60 ms; above "
+              f"baseline+10 ms e2e {e['pct_over_base10']:g} % vs hbh "
+              f"{h['pct_over_base10']:g} %. Holds if hbh is within 1.5x the paper's 3 % and "
+              f"below e2e. {mach}")
     ctx.claim("over100", "At 1 % loss, 500 kbit/s: above 100 ms, end to end about 18 %, hop "
               "by hop about 1 %", 1.0, h["pct_over_100"], "% of messages (hop by hop)",
               h["pct_over_100"] <= 1.5 and e["pct_over_100"] > h["pct_over_100"],
-              f"measured at {ref} %: e2e {e['pct_over_100']} % vs hbh {h['pct_over_100']} % above "
-              f"100 ms; above baseline+50 ms e2e {e['pct_over_base50']} % vs hbh "
-              f"{h['pct_over_base50']} %. Holds if hbh <= 1.5 % and below e2e. {mach}")
+              f"{at} {each('e2e', 'pct_over_100')} / {each('hbh', 'pct_over_100')} %): e2e "
+              f"{e['pct_over_100']:g} % vs hbh {h['pct_over_100']:g} % above 100 ms; above "
+              f"baseline+50 ms e2e {e['pct_over_base50']:g} % vs hbh "
+              f"{h['pct_over_base50']:g} %. Holds if hbh <= 1.5 % and below e2e. {mach}")
     rel = e["pct_over_base10"] / max(h["pct_over_base10"], 0.01)
     ctx.claim("over_base10_ratio", "End to end leaves about 9x more messages late than hop by "
               "hop (27 % vs 3 % above 60 ms)", 9.0, round(rel, 2),
               "x (e2e / hbh share above baseline+10 ms)", rel >= 9.0,
-              f"at {ref} %, 500 kbit/s, thresholds relative to the no-loss baseline. "
-              f"{mach}")
+              f"{at} {each('e2e', 'pct_over_base10')} / {each('hbh', 'pct_over_base10')} % "
+              f"above baseline+10 ms), thresholds relative to the no-loss baseline. {mach}")
     jr = e["jitter_sd_ms"] / max(h["jitter_sd_ms"], 0.01)
     ctx.claim("jitter", "Jitter up to 3-4x smaller hop by hop", 3.0, round(jr, 2),
               "x (e2e sd / hbh sd)", jr >= 3.0,
-              f"standard deviation of one-way delay at {ref} % loss, 500 kbit/s: e2e "
-              f"{e['jitter_sd_ms']} ms, hbh {h['jitter_sd_ms']} ms (mean |consecutive "
-              f"difference|: {e['jitter_ipdv_ms']} vs {h['jitter_ipdv_ms']} ms). The delay "
-              f"lines' and daemons' scheduling jitter adds to both. {mach}")
+              f"standard deviation of one-way delay {at} {each('e2e', 'jitter_sd_ms')} / "
+              f"{each('hbh', 'jitter_sd_ms')} ms): e2e {e['jitter_sd_ms']:g} ms, hbh "
+              f"{h['jitter_sd_ms']:g} ms (mean |consecutive difference|: "
+              f"{e['jitter_ipdv_ms']:g} vs {h['jitter_ipdv_ms']:g} ms). The delay lines' and "
+              f"daemons' scheduling jitter adds to both. {mach}")
     delivered = all(r["received"] == r["sent"] and r["in_order"] and r["duplicates"] == 0
                     for r in ctx.rows)
     ctx.params["every_session_exactly_once_in_order"] = delivered

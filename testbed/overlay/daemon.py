@@ -237,7 +237,7 @@ class SendSession:
         # and real-time links a path does not reorder: a later message acknowledged means
         # an earlier one is lost (as RACK treats it)
         self.sr = SRSender(cc=True, fast_retransmit=self.proto != RELIABLE, window=E2E_WINDOW,
-                           dupthresh=1,
+                           dupthresh=1, timeout_is_congestion=self.proto != RELIABLE,
                            rtt=RttEstimator(init_rto=1.0, min_rto=0.2, max_rto=20.0,
                                             granularity=0.02, max_backoff=16))
         self.pending: collections.deque = collections.deque()

@@ -81,8 +81,13 @@ class SRSender:
 
     def __init__(self, cc: bool = True, fast_retransmit: bool = True, window: int = 1024,
                  init_cwnd: float = 10, dupthresh: int = 3, rtt: Optional[RttEstimator] = None,
-                 min_cwnd: float = 1.0):
+                 min_cwnd: float = 1.0, timeout_is_congestion: bool = True):
         self.cc, self.fast_retransmit = cc, fast_retransmit
+        # False: a timeout resends and backs the timer off but leaves the window alone.
+        # An end-to-end session over reliable links loses nothing but to a failed node: a
+        # timeout there means a slow path (a daemon descheduled, a hop resending), and the
+        # congestion stamps of the hops' queues, not the timer, say how congested it is
+        self.timeout_is_congestion = timeout_is_congestion
         # after repeated timeouts (TCP: 1). A link uses 2: with one message in flight, a
         # lost ack alone means another timeout; with two, the other one's ack reveals it
         self.min_cwnd = float(min_cwnd)
@@ -260,8 +265,8 @@ class SRSender:
         """Mark every in-flight item older than the RTO lost and back off. The first timeout
         reduces the window as a detected loss does (it is most often a lost tail: nothing
         after it to reveal it, TCP's tail loss probe case); a second one in a row, with
-        nothing acknowledged between, takes cwnd to 1 as TCP's RTO does. Returns how many
-        items were marked."""
+        nothing acknowledged between, takes cwnd to min_cwnd as TCP's RTO does. With
+        timeout_is_congestion off the window stays. Returns how many items were marked."""
         rto = self.rtt.rto
         n, newest = 0, -1
         while self.flight:
@@ -276,7 +281,9 @@ class SRSender:
         if n:
             self.timeouts += 1
             self.losses += n
-            if self.rtt.backoff > 1:
+            if not self.timeout_is_congestion:
+                pass
+            elif self.rtt.backoff > 1:
                 if self.cc:
                     self.ssthresh = max(self.cwnd / 2, 2.0)
                     self.cwnd = self.min_cwnd

@@ -354,6 +354,23 @@ def test_slow_start_then_timeout_backs_off():
     assert s.rtt.backoff == 1
 
 
+def test_timeouts_not_congestion_keep_the_window():
+    """A session over reliable links: timeouts resend and back off, the window stays
+    (nothing is lost there; a timeout means a slow path); stamps still reduce it."""
+    s = SRSender(cc=True, window=1024, init_cwnd=16, timeout_is_congestion=False,
+                 rtt=RttEstimator(0.1, 0.05, 1.0))
+    for _ in range(16):
+        s.transmitted(s.new(None), 0.0)
+    rto = s.rtt.rto
+    assert s.on_timeout(rto) == 16
+    assert s.cwnd == 16 and s.timeouts == 1 and s.rtt.rto == pytest.approx(2 * rto)
+    while s.can_retransmit():
+        s.transmitted(s.next_lost(), rto)
+    assert s.on_timeout(rto + 2 * rto) == 16  # again, nothing acked between
+    assert s.cwnd == 16 and s.timeouts == 2 and s.retransmitted == 16
+    assert s.congestion() and s.cwnd == pytest.approx(8)  # a stamp still halves it
+
+
 def test_window_limit_and_congestion_signal():
     s = SRSender(cc=True, window=8, init_cwnd=100)
     sent = 0
