@@ -238,8 +238,12 @@ class SendSession:
         # an earlier one is lost (as RACK treats it)
         self.sr = SRSender(cc=True, fast_retransmit=self.proto != RELIABLE, window=E2E_WINDOW,
                            dupthresh=1, timeout_is_congestion=self.proto != RELIABLE,
+                           # RTO = srtt + max(200 ms, 4 rttvar), as Linux TCP's: the
+                           # receiver delays acks up to E2E_ACK_DELAY, and with 20 ms of
+                           # slack a 100 ms path timed out on every ack that came late
+                           # (a lost ack, a daemon descheduled), resending the whole window
                            rtt=RttEstimator(init_rto=1.0, min_rto=0.2, max_rto=20.0,
-                                            granularity=0.02, max_backoff=16))
+                                            granularity=0.2, max_backoff=16))
         self.pending: collections.deque = collections.deque()
         self.timer_at: Optional[float] = None
         self.closed_at: Optional[float] = None
