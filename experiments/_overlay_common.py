@@ -45,28 +45,72 @@ def tcp_stream(net, src: str, dst: str, rate_kbit: float, seconds: float, cc: st
     return df["delay_ms"].to_numpy(), info
 
 
-def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float,
-                   mode: str, size: int = 1000) -> tuple:
-    """The overlay's reliable FIFO session src -> dst over best-effort links (mode "e2e":
-    end-to-end recovery) or reliable links (mode "hbh": hop-by-hop). -> (delays, info)."""
-    port = next(_ports) % 60000 + 1
+def _overlay_recv(net, ov, dst: str, port: int, seconds: float):
     csv = os.path.join(net.log_dir, f"ov{port}.csv")
     ready = os.path.join(net.log_dir, f"ov{port}.ready")
     rx = net[dst].start([sys.executable, "-m", "testbed.overlay.tool", "recv", "--control",
                          ov.control_path(dst), "--port", str(port), "--out", csv,
                          "--idle", "3", "--seconds", str(seconds + 90),
                          "--ready-file", ready], name=f"ovrecv{port}", ready=file_exists(ready))
-    tx = net[src].start([sys.executable, "-m", "testbed.overlay.tool", "send", "--control",
-                         ov.control_path(src), "--dst", f"{ov.id(dst)}:{port}", "--seconds",
-                         str(seconds), "--size", str(size), "--rate-kbit", str(rate_kbit),
-                         "--link", MODES[mode], "--wait-acked", "60"], name=f"ovsend{port}")
+    return rx, csv
+
+
+def _overlay_send(net, ov, src: str, dst: str, port: int, rate_kbit: float, seconds: float,
+                  size: int, link: str, datagram: bool):
+    argv = [sys.executable, "-m", "testbed.overlay.tool", "send", "--control",
+            ov.control_path(src), "--dst", f"{ov.id(dst)}:{port}", "--seconds", str(seconds),
+            "--size", str(size), "--rate-kbit", str(rate_kbit), "--link", link]
+    argv += ["--datagram"] if datagram else ["--wait-acked", "60"]
+    return net[src].start(argv, name=f"ovsend{port}")
+
+
+def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float,
+                   mode: str, size: int = 1000, probe: bool = False) -> tuple:
+    """The overlay's reliable FIFO session src -> dst over best-effort links (mode "e2e":
+    end-to-end recovery) or reliable links (mode "hbh": hop-by-hop). -> (delays, info).
+
+    probe: at the same time, a paced stream of best-effort datagrams along the same path
+    (same rate and size, no recovery: a lost one is just missing). Its delays are the
+    machine's own at that moment (delay lines, daemons, scheduling, the hypervisor), with
+    nothing of the protocols' recovery in them: info["probe_delays"]."""
+    port = next(_ports) % 60000 + 1
+    rx, csv = _overlay_recv(net, ov, dst, port, seconds)
+    if probe:
+        pport = next(_ports) % 60000 + 1
+        prx, pcsv = _overlay_recv(net, ov, dst, pport, seconds)
+        ptx = _overlay_send(net, ov, src, dst, pport, rate_kbit, seconds, size, "best_effort",
+                            True)
+    tx = _overlay_send(net, ov, src, dst, port, rate_kbit, seconds, size, MODES[mode], False)
     tx.wait(seconds + 120)
     rx.wait(120)
     sent, got = _last_json(tx), _last_json(rx)
     info = {"sent": sent["sent"], "received": got["received"],
             "duplicates": got["duplicates"], "in_order": got["in_order"]}
     df = pd.read_csv(csv)
+    if probe:
+        ptx.wait(seconds + 60)
+        prx.wait(60)
+        pdf = pd.read_csv(pcsv)
+        info["probe_delays"] = pdf["delay_ms"].to_numpy()
+        info["machine_ms"] = machine_excess(df, pdf)
     return df["delay_ms"].to_numpy(), info
+
+
+def machine_excess(stream: pd.DataFrame, probe: pd.DataFrame) -> np.ndarray:
+    """For each stream message, the machine's own delay at the time it was sent: the delay
+    of the probe datagram sent nearest in time, minus the probe's median (ms; signed).
+    stream - this is the delay the protocol's recovery added to the path's usual one."""
+    st = stream["t_send"].to_numpy()
+    if not len(probe):
+        return np.zeros(len(st))
+    order = np.argsort(probe["t_send"].to_numpy())
+    pt = probe["t_send"].to_numpy()[order]
+    pdly = probe["delay_ms"].to_numpy()[order]
+    i = np.clip(np.searchsorted(pt, st), 1, max(1, len(pt) - 1))
+    left = np.clip(i - 1, 0, len(pt) - 1)
+    right = np.clip(i, 0, len(pt) - 1)
+    near = np.where(np.abs(pt[left] - st) <= np.abs(pt[right] - st), left, right)
+    return pdly[near] - float(np.median(pdly))
 
 
 def summarize(d, base: float | None = None) -> dict:
