@@ -28,6 +28,7 @@ from testbed import Network, measure
 from testbed.mirror import control, volume, workload
 from testbed.mirror.daemon import MirrorError
 from testbed.process import log_matches
+from testbed.experiment import pyplot
 from topologies import dr_site
 
 PAPER = "000"
@@ -310,10 +311,7 @@ def failover(ctx, method: str, rep: int, fast_arp: bool) -> dict:
 
 def figures(ctx, eff: dict, bf: dict, cuts: list, fo: list, t1: dict,
             background_eff: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axs = plt.subplots(2, 2, figsize=(12, 8.5))
     ax = axs[0][0]

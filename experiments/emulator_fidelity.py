@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from testbed import Network, capabilities, measure
 from testbed.measure.stats import wilson
+from testbed.experiment import pyplot
 from topologies import pair
 
 PAPER = "emulator"
@@ -130,10 +131,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame(ctx.rows)

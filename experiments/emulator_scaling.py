@@ -32,6 +32,7 @@ import time
 
 from testbed import Network, capabilities
 from testbed.run import run as run_cmd
+from testbed.experiment import pyplot
 
 PAPER = "emulator"
 TITLE = "Emulator scaling: build + teardown time and memory of linear,N against Mininet"
@@ -420,10 +421,7 @@ def _fmt(x, unit="s") -> str:
 
 
 def _figure(ctx) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.3))
     styles = {"testbed": ("tab:blue", "o"), "mininet": ("tab:red", "s")}

@@ -18,6 +18,7 @@ from testbed import Network, Topology, measure
 from testbed.tunnel import availability, overhead
 from testbed.tunnel import add_tunnel as make_tunnel
 from testbed.tunnel.daemon import DEFAULT_GSO_MAX
+from testbed.experiment import pyplot
 
 PAPER = "emulator"
 TITLE = "Tunnels: goodput through each tunnel kind against the underlying link's"
@@ -163,10 +164,7 @@ def claims(ctx, rates, kinds, why_not) -> None:
 
 
 def plot(ctx) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame(ctx.rows)

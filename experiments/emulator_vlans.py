@@ -20,6 +20,7 @@ from testbed import Network, capabilities
 from testbed.kernel import vlan as kvlan
 from testbed.process import listening, log_matches
 from testbed.topology import Topology
+from testbed.experiment import pyplot
 
 PAPER = "emulator"
 TITLE = "VLAN change-over: time to apply, client-visible interruption, isolation"
@@ -151,10 +152,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for backend, df in results.items():

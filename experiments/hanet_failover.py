@@ -35,6 +35,7 @@ import time
 from testbed import Network
 from testbed.failover import hanet
 from testbed.failover import hanet_web as web
+from testbed.experiment import pyplot
 from topologies import hanet as topo
 
 PAPER = "002"
@@ -424,10 +425,7 @@ def claims(ctx, fo, wb, top_users) -> None:
 
 
 def plot(ctx) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame(ctx.rows)

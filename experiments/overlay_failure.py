@@ -17,6 +17,7 @@ import pandas as pd
 from testbed import Network, Topology
 from testbed.overlay import start_overlay
 from testbed.process import file_exists
+from testbed.experiment import pyplot
 
 PAPER = "004"
 TITLE = "Failure: reroute time and exactly-once in-order delivery when a node dies"
@@ -119,10 +120,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx, rows, hello_ms) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(7, 4))
     x = [r["trial"] for r in rows]

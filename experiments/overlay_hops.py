@@ -11,6 +11,7 @@ import numpy as np
 from experiments._overlay_common import overlay_stream, summarize
 from testbed import Network
 from testbed.overlay import start_overlay
+from testbed.experiment import pyplot
 from topologies import spines_chain
 
 PAPER = "004"
@@ -79,10 +80,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx, hops_list, losses, res) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
     for loss in losses:

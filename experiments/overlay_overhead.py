@@ -15,6 +15,7 @@ import sys
 from testbed import Network, measure
 from testbed.overlay import bench, start_overlay
 from testbed.process import file_exists
+from testbed.experiment import pyplot
 from topologies import pair
 
 PAPER = "004"
@@ -132,10 +133,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx, d) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(1, 2, figsize=(13, 4.5))
     for mode, g in d.groupby("mode"):

@@ -12,6 +12,7 @@ import numpy as np
 from experiments._overlay_common import overlay_stream, summarize, tcp_stream
 from testbed import Network
 from testbed.overlay import start_overlay
+from testbed.experiment import pyplot
 from topologies import spines_chain
 
 PAPER = "004"
@@ -132,10 +133,7 @@ def run(ctx) -> None:
 
 
 def plot(ctx, means, base) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame(ctx.rows)

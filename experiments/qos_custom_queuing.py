@@ -17,6 +17,7 @@ from __future__ import annotations
 from testbed import Network
 from testbed.measure.concurrent import iperf3_flows, rates_bps, shares, window
 from testbed.queueing import Queue, QueueClass
+from testbed.experiment import pyplot
 from topologies import qos_router
 
 PAPER = "000"
@@ -165,10 +166,7 @@ def claims(ctx, res: dict, n: int, seconds: float, warmup: float) -> None:
 
 
 def plot(ctx, n_background: int, seconds: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import pandas as pd
 
     df = pd.DataFrame(ctx.rows)

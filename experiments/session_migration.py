@@ -23,6 +23,7 @@ import pandas as pd
 
 from testbed import Network
 from testbed.migration.controller import STEPS, MigrationController
+from testbed.experiment import pyplot
 from topologies import gmpls_dr
 
 PAPER = "001"
@@ -232,10 +233,7 @@ def write_table(ctx, dfs: dict) -> None:
 
 
 def plot(ctx, sessions: list, dfs: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, ax = plt.subplots(figsize=(9, 5))
     names = [f"{n} {STEPS[n]}" for n in STEPS]

@@ -30,6 +30,7 @@ from testbed import Network
 from testbed.failover import (DEFAULT, TUNED, comparable, keepalived, set_interface,
                               start_wackamole)
 from testbed.process import listening, log_matches
+from testbed.experiment import pyplot
 from topologies import wackamole_lan
 
 PAPER = "004"
@@ -322,10 +323,7 @@ def claims(ctx) -> None:
 
 
 def plot(ctx) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     df = pd.DataFrame(ctx.rows)
     fig, ax = plt.subplots(figsize=(11.5, 5.5))

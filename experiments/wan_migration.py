@@ -37,6 +37,7 @@ from testbed import Network
 from testbed.measure.udpprobe import outages
 from testbed.migration.wan import WanMigration
 from testbed.process import listening, log_matches
+from testbed.experiment import pyplot
 from topologies import wan_migration
 from topologies.wan_migration import VS_IP
 
@@ -246,9 +247,7 @@ def run(ctx) -> None:
 
 
 def report(ctx, targets, target_mb) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     df = pd.DataFrame(ctx.rows)
     t = df[df["kind"] == "target"]

@@ -109,6 +109,18 @@ class Context:
         return path
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend: experiments write figures to files, and run
+    where there is no display (imported here, not at the top, so that listing or loading
+    an experiment does not pay for matplotlib)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def _cpu_times() -> Optional[list]:
     """The aggregate 'cpu' line of /proc/stat: user nice system idle iowait irq softirq
     steal ... in clock ticks (None where there is none)."""
