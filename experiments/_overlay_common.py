@@ -98,8 +98,11 @@ def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float
 
 def machine_excess(stream: pd.DataFrame, probe: pd.DataFrame) -> np.ndarray:
     """For each stream message, the machine's own delay at the time it was sent: the delay
-    of the probe datagram sent nearest in time, minus the probe's median (ms; signed).
-    stream - this is the delay the protocol's recovery added to the path's usual one."""
+    of the probe datagram sent nearest in time, above the probe's fastest (ms). The fastest
+    probe is the path on a quiet moment (propagation, serialization, the least Python);
+    stream - this is each message's delay on such a path: what the machine adds (a busy
+    moment, the hypervisor's steal, a slow stretch of a whole run) taken out, what the
+    protocol's recovery adds kept."""
     st = stream["t_send"].to_numpy()
     if not len(probe):
         return np.zeros(len(st))
@@ -110,7 +113,7 @@ def machine_excess(stream: pd.DataFrame, probe: pd.DataFrame) -> np.ndarray:
     left = np.clip(i - 1, 0, len(pt) - 1)
     right = np.clip(i, 0, len(pt) - 1)
     near = np.where(np.abs(pt[left] - st) <= np.abs(pt[right] - st), left, right)
-    return pdly[near] - float(np.median(pdly))
+    return pdly[near] - float(pdly.min())
 
 
 def summarize(d, base: float | None = None) -> dict:

@@ -93,7 +93,7 @@ def run(ctx) -> None:
           f"{each('e2e', 'probe_pct_over_60')} % (e2e runs) and "
           f"{each('hbh', 'probe_pct_over_60')} % (hbh runs)")
     mach = (f"Corrected: each message's delay minus the machine's own delay at the time (the "
-            f"probe datagram sent nearest to it, above the probe's median). No-loss baseline "
+            f"probe datagram sent nearest to it, above the fastest probe). No-loss baseline "
             f"(lowest median of the 0 % runs at 500 kbit/s): {base[500]:.1f} ms, of which 50 ms "
             f"is propagation; the rest is serialization and Python (five NFQUEUE delay lines, "
             f"six overlay daemons) on {ctx.machine}.")

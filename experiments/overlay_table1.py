@@ -94,15 +94,32 @@ def run(ctx) -> None:
            "serialization at 10 Mbit/s, five Python NFQUEUE delay lines and, for the overlay, "
            f"six Python daemons on {ctx.machine}, whose scheduling jitter delays "
            "single packets by tens of ms).")
-    ctx.claim("hbh_vs_e2e", "Hop-by-hop recovery lowers the average delay against end-to-end "
-              "recovery (paper: end-to-end SACK TCP 144.70 ms vs Spines hop by hop 117.55 ms)",
-              round(paper_ratio, 3), round(ratio, 3), "x (mean e2e / mean hbh)",
-              ratio >= paper_ratio,
+    per_rep = (f"per repeat: e2e {np.round(rep_means['e2e'], 1).tolist()}, hbh "
+               f"{np.round(rep_means['hbh'], 1).tolist()}; {repeats} x {seconds} s at "
+               f"{RATE_KBIT} kbit/s")
+    sack_tcp = "tcp/reno/sack" if "tcp/reno/sack" in means else min(
+        (c for c in means if c.endswith("/sack")), key=means.get)
+    st_ratio = means[sack_tcp] / hbh
+    ctx.claim("hbh_vs_sack_tcp", "Hop-by-hop recovery lowers the average delay against "
+              "end-to-end recovery: end-to-end SACK TCP 144.70 ms vs Spines hop by hop "
+              "117.55 ms", round(paper_ratio, 3), round(st_ratio, 3),
+              f"x (mean {sack_tcp[4:]} / mean hbh)", st_ratio >= paper_ratio,
+              f"the paper's pair: ns2's SACK TCP is Reno with SACK, here the kernel's "
+              f"{sack_tcp[4:]} ({means[sack_tcp]:.1f} ms, per repeat "
+              f"{np.round(rep_means[sack_tcp], 1).tolist()}) against the overlay's session "
+              f"over reliable links ({hbh:.1f} ms, {per_rep}). Holds if at least the paper's "
+              f"ratio. {jit}")
+    ctx.claim("hbh_vs_e2e", "Hop-by-hop recovery lowers the average delay against the same "
+              "overlay session recovering end to end (the paper measures no overlay end-to-end "
+              "session)", None, round(ratio, 3), "x (mean e2e / mean hbh)", ratio > 1,
               f"overlay reliable session over best-effort links {e2e:.1f} ms vs over reliable "
-              f"links {hbh:.1f} ms (per repeat: e2e {np.round(rep_means['e2e'], 1).tolist()}, "
-              f"hbh {np.round(rep_means['hbh'], 1).tolist()}); {repeats} x {seconds} s at "
-              f"{RATE_KBIT} kbit/s. The paper gives no overlay end-to-end number, so its ratio "
-              f"is ns2 SACK TCP over Spines. {jit}")
+              f"links {hbh:.1f} ms ({per_rep}). Holds if above 1. The session recovers a loss in "
+              f"about one round trip (~105 ms) and halves its window, which at 500 kbit/s "
+              f"(~7 messages in flight) may back the stream up for a few round trips; hop by "
+              f"hop a loss costs about one 20 ms link round trip plus the gap to the next "
+              f"message. A rough estimate from that alone at 1 % loss: a mean excess of ~4 ms end to "
+              f"end against ~0.5 ms hop by hop, a ratio near 1.1; more where the window backs "
+              f"up. {jit}")
     ctx.claim("hbh_avg", "Spines (hop by hop) average delay 117.55 ms", PAPER_T1["Spines"],
               round(hbh, 2), "ms", hbh <= PAPER_T1["Spines"],
               f"mean of every message of {repeats} runs; holds if not above the paper's. "
