@@ -117,9 +117,9 @@ def run(ctx) -> None:
               f"about one round trip (~105 ms) and halves its window, which at 500 kbit/s "
               f"(~7 messages in flight) may back the stream up for a few round trips; hop by "
               f"hop a loss costs about one 20 ms link round trip plus the gap to the next "
-              f"message. A rough estimate from that alone at 1 % loss: a mean excess of ~4 ms end to "
-              f"end against ~0.5 ms hop by hop, a ratio near 1.1; more where the window backs "
-              f"up. {jit}")
+              f"message. A rough estimate from that alone at 1 % loss: a mean excess of ~4 "
+              f"ms end to end against ~0.5 ms hop by hop, a ratio near 1.1; more where the "
+              f"window backs up. {jit}")
     ctx.claim("hbh_avg", "Spines (hop by hop) average delay 117.55 ms", PAPER_T1["Spines"],
               round(hbh, 2), "ms", hbh <= PAPER_T1["Spines"],
               f"mean of every message of {repeats} runs; holds if not above the paper's. "
