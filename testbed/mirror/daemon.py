@@ -336,7 +336,12 @@ class _Handler(socketserver.BaseRequestHandler):
                         man = Session(srv.mirror, sock).run(msg)
                     finally:
                         srv.mirror.unlock()
-                    wire.send(sock, Message(wire.DONE, (man,)))
+                    try:
+                        wire.send(sock, Message(wire.DONE, (man,)))
+                    except OSError as e:  # committed all the same: say so, not "untouched"
+                        log.warning("sync from %s committed, but its DONE was not sent: %s",
+                                    peer, e)
+                        return
                     log.info("sync from %s done in %.2f s", peer, time.monotonic() - t0)
                 else:
                     raise WireError(f"unexpected {msg.name}")
