@@ -45,22 +45,26 @@ def tcp_stream(net, src: str, dst: str, rate_kbit: float, seconds: float, cc: st
     return df["delay_ms"].to_numpy(), info
 
 
-def _overlay_recv(net, ov, dst: str, port: int, seconds: float):
-    csv = os.path.join(net.log_dir, f"ov{port}.csv")
+def overlay_recv(net, ov, dst: str, port: int, seconds: float, per_message: bool = True,
+                  idle: float = 3):
+    """Start the overlay tool's receiver on dst:port, ready once bound. per_message: write
+    each message's delay to a CSV (its path is returned; None without)."""
+    csv = os.path.join(net.log_dir, f"ov{port}.csv") if per_message else None
     ready = os.path.join(net.log_dir, f"ov{port}.ready")
-    rx = net[dst].start([sys.executable, "-m", "testbed.overlay.tool", "recv", "--control",
-                         ov.control_path(dst), "--port", str(port), "--out", csv,
-                         "--idle", "3", "--seconds", str(seconds + 90),
-                         "--ready-file", ready], name=f"ovrecv{port}", ready=file_exists(ready))
+    argv = [sys.executable, "-m", "testbed.overlay.tool", "recv", "--control",
+            ov.control_path(dst), "--port", str(port), "--idle", str(idle),
+            "--seconds", str(seconds + 90), "--ready-file", ready]
+    argv += ["--out", csv] if csv else []
+    rx = net[dst].start(argv, name=f"ovrecv{port}", ready=file_exists(ready))
     return rx, csv
 
 
-def _overlay_send(net, ov, src: str, dst: str, port: int, rate_kbit: float, seconds: float,
-                  size: int, link: str, datagram: bool):
+def overlay_send(net, ov, src: str, dst: str, port: int, rate_kbit: float, seconds: float,
+                  size: int, link: str, datagram: bool, wait_acked: float = 60):
     argv = [sys.executable, "-m", "testbed.overlay.tool", "send", "--control",
             ov.control_path(src), "--dst", f"{ov.id(dst)}:{port}", "--seconds", str(seconds),
             "--size", str(size), "--rate-kbit", str(rate_kbit), "--link", link]
-    argv += ["--datagram"] if datagram else ["--wait-acked", "60"]
+    argv += ["--datagram"] if datagram else ["--wait-acked", str(wait_acked)]
     return net[src].start(argv, name=f"ovsend{port}")
 
 
@@ -74,13 +78,13 @@ def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float
     machine's own at that moment (delay lines, daemons, scheduling, the hypervisor), with
     nothing of the protocols' recovery in them: info["probe_delays"]."""
     port = next(_ports) % 60000 + 1
-    rx, csv = _overlay_recv(net, ov, dst, port, seconds)
+    rx, csv = overlay_recv(net, ov, dst, port, seconds)
     if probe:
         pport = next(_ports) % 60000 + 1
-        prx, pcsv = _overlay_recv(net, ov, dst, pport, seconds)
-        ptx = _overlay_send(net, ov, src, dst, pport, rate_kbit, seconds, size, "best_effort",
+        prx, pcsv = overlay_recv(net, ov, dst, pport, seconds)
+        ptx = overlay_send(net, ov, src, dst, pport, rate_kbit, seconds, size, "best_effort",
                             True)
-    tx = _overlay_send(net, ov, src, dst, port, rate_kbit, seconds, size, MODES[mode], False)
+    tx = overlay_send(net, ov, src, dst, port, rate_kbit, seconds, size, MODES[mode], False)
     tx.wait(seconds + 120)
     rx.wait(120)
     sent, got = _last_json(tx), _last_json(rx)

@@ -9,12 +9,10 @@ iperf3 flow (cubic). Where the overlay falls below the link rate, Python is CPU-
 from __future__ import annotations
 
 import json
-import os
-import sys
 
+from experiments._overlay_common import overlay_recv, overlay_send
 from testbed import Network, measure
 from testbed.overlay import bench, start_overlay
-from testbed.process import file_exists
 from testbed.experiment import pyplot
 from topologies import pair
 
@@ -31,16 +29,9 @@ PAPER_OVERHEAD = {"best_effort": 2.3, "reliable_link": 3.5, "both_layers": 5.7}
 def overlay_goodput(net, ov, mode: str, seconds: float, port: int, size: int,
                     offered_mbit: float) -> dict:
     link, datagram = MODES[mode]
-    ready = os.path.join(net.log_dir, f"oh{port}.ready")
-    rx = net["h2"].start([sys.executable, "-m", "testbed.overlay.tool", "recv", "--control",
-                          ov.control_path("h2"), "--port", str(port), "--idle", "2",
-                          "--seconds", str(seconds + 60), "--ready-file", ready],
-                         name=f"ohrecv{port}", ready=file_exists(ready))
-    argv = [sys.executable, "-m", "testbed.overlay.tool", "send", "--control",
-            ov.control_path("h1"), "--dst", f"{ov.id('h2')}:{port}", "--seconds", str(seconds),
-            "--size", str(size), "--link", link, "--rate-kbit", str(offered_mbit * 1000)]
-    argv += ["--datagram"] if datagram else ["--wait-acked", "30"]
-    tx = net["h1"].start(argv, name=f"ohsend{port}")
+    rx, _ = overlay_recv(net, ov, "h2", port, seconds, per_message=False, idle=2)
+    tx = overlay_send(net, ov, "h1", "h2", port, offered_mbit * 1000, seconds, size, link,
+                       datagram, wait_acked=30)
     tx.wait(seconds + 90)
     rx.wait(90)
     try:

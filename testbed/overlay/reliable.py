@@ -281,14 +281,12 @@ class SRSender:
         if n:
             self.timeouts += 1
             self.losses += n
-            if not self.timeout_is_congestion:
-                pass
-            elif self.rtt.backoff > 1:
+            if self.timeout_is_congestion and self.rtt.backoff > 1:
                 if self.cc:
                     self.ssthresh = max(self.cwnd / 2, 2.0)
                     self.cwnd = self.min_cwnd
                 self.recovery_xmit = self.xmits
-            elif newest >= self.recovery_xmit:
+            elif self.timeout_is_congestion and newest >= self.recovery_xmit:
                 self._reduce()
             self.rtt.backoff = min(self.rtt.backoff * 2, self.rtt.max_backoff)
         return n
