@@ -24,8 +24,10 @@ def _last_json(proc) -> dict:
 
 
 def tcp_stream(net, src: str, dst: str, rate_kbit: float, seconds: float, cc: str,
-               sack: bool, size: int = 1000) -> tuple:
-    """Kernel TCP, congestion control cc, SACK on/off on both ends. -> (delays ms, info)."""
+               sack: bool, size: int = 1000, probe=None) -> tuple:
+    """Kernel TCP, congestion control cc, SACK on/off on both ends. -> (delays ms, info).
+    probe: an overlay (testbed.overlay.start_overlay) to send a probe on (see
+    overlay_stream)."""
     for n in (src, dst):
         net[n].set_sysctl("net.ipv4.tcp_sack", int(sack))
     port = next(_ports)
@@ -34,6 +36,7 @@ def tcp_stream(net, src: str, dst: str, rate_kbit: float, seconds: float, cc: st
     rx = net[dst].start([sys.executable, "-m", "testbed.measure.msgstream", "recv", "--port",
                          str(port), "--out", csv, "--ready-file", ready],
                         name=f"msgrecv{port}", ready=file_exists(ready))
+    pr = _start_probe(net, probe, src, dst, rate_kbit, seconds, size) if probe else None
     tx = net[src].start([sys.executable, "-m", "testbed.measure.msgstream", "send", "--dst",
                          net[dst].ip_toward(net[src]), "--port", str(port), "--rate-kbit",
                          str(rate_kbit), "--seconds", str(seconds), "--size", str(size),
@@ -42,6 +45,8 @@ def tcp_stream(net, src: str, dst: str, rate_kbit: float, seconds: float, cc: st
     rx.wait(60)
     info = {**_last_json(tx), **_last_json(rx)}
     df = pd.read_csv(csv)
+    if pr:
+        _finish_probe(pr, seconds, df, info)
     return df["delay_ms"].to_numpy(), info
 
 
@@ -79,11 +84,7 @@ def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float
     nothing of the protocols' recovery in them: info["probe_delays"]."""
     port = next(_ports) % 60000 + 1
     rx, csv = overlay_recv(net, ov, dst, port, seconds)
-    if probe:
-        pport = next(_ports) % 60000 + 1
-        prx, pcsv = overlay_recv(net, ov, dst, pport, seconds)
-        ptx = overlay_send(net, ov, src, dst, pport, rate_kbit, seconds, size, "best_effort",
-                            True)
+    pr = _start_probe(net, ov, src, dst, rate_kbit, seconds, size) if probe else None
     tx = overlay_send(net, ov, src, dst, port, rate_kbit, seconds, size, MODES[mode], False)
     tx.wait(seconds + 120)
     rx.wait(120)
@@ -91,13 +92,27 @@ def overlay_stream(net, ov, src: str, dst: str, rate_kbit: float, seconds: float
     info = {"sent": sent["sent"], "received": got["received"],
             "duplicates": got["duplicates"], "in_order": got["in_order"]}
     df = pd.read_csv(csv)
-    if probe:
-        ptx.wait(seconds + 60)
-        prx.wait(60)
-        pdf = pd.read_csv(pcsv)
-        info["probe_delays"] = pdf["delay_ms"].to_numpy()
-        info["machine_ms"] = machine_excess(df, pdf)
+    if pr:
+        _finish_probe(pr, seconds, df, info)
     return df["delay_ms"].to_numpy(), info
+
+
+def _start_probe(net, ov, src: str, dst: str, rate_kbit: float, seconds: float,
+                 size: int) -> tuple:
+    port = next(_ports) % 60000 + 1
+    rx, csv = overlay_recv(net, ov, dst, port, seconds)
+    tx = overlay_send(net, ov, src, dst, port, rate_kbit, seconds, size, "best_effort", True)
+    return tx, rx, csv
+
+
+def _finish_probe(probe: tuple, seconds: float, stream: pd.DataFrame, info: dict) -> None:
+    """Wait for the probe; info["probe_delays"] and info["machine_ms"] (machine_excess)."""
+    tx, rx, csv = probe
+    tx.wait(seconds + 60)
+    rx.wait(60)
+    pdf = pd.read_csv(csv)
+    info["probe_delays"] = pdf["delay_ms"].to_numpy()
+    info["machine_ms"] = machine_excess(stream, pdf)
 
 
 def machine_excess(stream: pd.DataFrame, probe: pd.DataFrame) -> np.ndarray:
