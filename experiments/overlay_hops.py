@@ -1,8 +1,10 @@
 """Paper 004, Figure 7: a fixed 50 ms path split into 1..10 reliable overlay hops (equal
 delay each, 10 Mbit/s), loss on the middle link (1 % and 2 %), a 500 kbit/s stream of
 1000-byte messages over the overlay's reliable session on reliable links. The share of
-messages delayed more than 60 ms (path latency + 10 ms, the paper's threshold) and more
-than the no-loss median + 10 ms (this machine's own delay removed) against hop count."""
+messages delayed more than 60 ms (path latency + 10 ms, the paper's threshold) against hop
+count: raw, corrected (each message's delay minus the machine's own at the time, from a
+probe of best-effort datagrams sent alongside: _overlay_common.machine_excess), and above
+the no-loss median + 10 ms."""
 
 from __future__ import annotations
 
@@ -45,18 +47,21 @@ def run(ctx) -> None:
             for loss in losses:
                 net.link(*lossy).set(loss_pct=loss)
                 d, info = overlay_stream(net, ov, names[0], names[-1], RATE_KBIT, seconds,
-                                         "hbh")
+                                         "hbh", probe=True)
                 s = summarize(d, base)
+                s["corr_pct_over_60"] = summarize(d - info["machine_ms"])["pct_over_60"]
+                s["probe_pct_over_60"] = summarize(info["probe_delays"])["pct_over_60"]
                 res[(hops, loss)] = s
                 ctx.add(hops=hops, loss_pct=loss, lossy="-".join(lossy), **s,
                         sent=info["sent"], received=info["received"],
                         in_order=info["in_order"])
                 ctx.progress(f"{hops} hops, {loss} % on {'-'.join(lossy)}: >60 "
-                             f"{s['pct_over_60']} %, >base+10 {s['pct_over_base10']} % "
-                             f"(base {base:.1f} ms)")
+                             f"{s['pct_over_60']} % (corrected {s['corr_pct_over_60']} %, "
+                             f"probe {s['probe_pct_over_60']} %), >base+10 "
+                             f"{s['pct_over_base10']} % (base {base:.1f} ms)")
             ov.close()
     for key, label in (("pct_over_base10", "no-loss median + 10 ms"),
-                       ("pct_over_60", "60 ms")):
+                       ("pct_over_60", "60 ms"), ("corr_pct_over_60", "60 ms, corrected")):
         fr = []
         for loss in losses:
             p = [res[(h, loss)][key] for h in hops_list]
@@ -75,7 +80,11 @@ def run(ctx) -> None:
                   + f" (% above {label}). Holds if <= 4 hops reach 80 % of the largest drop "
                   "from 1 hop. More hops also mean more Python delay lines and daemons on "
                   f"{ctx.machine}: their scheduling jitter grows with hop count and pushes "
-                  "never-lost messages late, which works against long chains here.")
+                  "never-lost messages late, which works against long chains here; the "
+                  "corrected share takes the machine's delay at each moment out (the probe's "
+                  "shares above 60 ms: " + "; ".join(
+                      f"{lo} %: " + ", ".join(f"{h} hops {res[(h, lo)]['probe_pct_over_60']}"
+                                              for h in hops_list) for lo in losses) + ").")
     plot(ctx, hops_list, losses, res)
 
 
@@ -86,6 +95,8 @@ def plot(ctx, hops_list, losses, res) -> None:
     for loss in losses:
         ax[0].plot(hops_list, [res[(h, loss)]["pct_over_60"] for h in hops_list], "o-",
                    label=f"{loss} % loss")
+        ax[0].plot(hops_list, [res[(h, loss)]["corr_pct_over_60"] for h in hops_list], "s--",
+                   label=f"{loss} % loss, corrected")
         ax[1].plot(hops_list, [res[(h, loss)]["pct_over_base10"] for h in hops_list], "o-",
                    label=f"{loss} % loss")
     ax[0].set(xlabel="hops (50 ms total)", ylabel="% of messages above 60 ms")

@@ -22,6 +22,18 @@ def _git_commit() -> str:
         return "unknown"
 
 
+def _git_uncommitted() -> list:
+    """Tracked files (outside results/) that differ from the commit: the code that ran was
+    not exactly git_commit's."""
+    try:
+        out = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no",
+                              "--", ".", ":(exclude)results"], capture_output=True, text=True,
+                             timeout=5).stdout
+    except Exception:
+        return []
+    return [line[3:] for line in out.splitlines()]
+
+
 def _read(path: str):
     try:
         with open(path) as f:
@@ -60,6 +72,7 @@ def write(ctx, mod, runtime_s: float) -> None:
     caps = capabilities.probe()
     env = {"kernel": platform.release(), "machine": platform.machine(),
            "python": platform.python_version(), "git_commit": _git_commit(),
+           "git_uncommitted": _git_uncommitted(),
            "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "mode": ctx.mode,
            "backends": {k: sorted(v) if isinstance(v, set) else v
                         for k, v in ctx.backends.items()},

@@ -38,7 +38,7 @@ def test_experiment_writes_results(name, tmp_path):
         assert CLAIM_KEYS <= set(c), c
         assert isinstance(c["holds"], bool)
     env = json.loads((out / "env.json").read_text())
-    assert env["kernel"] and env["git_commit"]
+    assert env["kernel"] and env["git_commit"] and isinstance(env["git_uncommitted"], list)
     assert env["kernel_delay_backend"] in ("netem", "delayline")
     # the machine the numbers came from: cores, load, and the hypervisor's steal
     assert f"{os.cpu_count()} cores" in summary["machine"]
