@@ -48,6 +48,7 @@ class Context:
     started: float = field(default_factory=time.monotonic)
     load_at_start: float = field(default_factory=lambda: os.getloadavg()[0])
     cpu_at_start: Optional[list] = field(default_factory=lambda: _cpu_times())
+    cpu_at_end: Optional[list] = None  # set when steal_pct is first read
 
     @property
     def quick(self) -> bool:
@@ -64,11 +65,14 @@ class Context:
 
     @property
     def steal_pct(self) -> Optional[float]:
-        """Share of CPU time the hypervisor took (steal) since the run began, or None."""
-        now = _cpu_times()
-        if not now or not self.cpu_at_start:
+        """Share of CPU time the hypervisor took (steal) from the run's start to the first
+        time this is read, or None. Experiments read it (through machine) in their claims,
+        once the measurements are done, so every claim and summary.json give one figure."""
+        if self.cpu_at_end is None:
+            self.cpu_at_end = _cpu_times()
+        if not self.cpu_at_end or not self.cpu_at_start:
             return None
-        d = [b - a for a, b in zip(self.cpu_at_start, now)]
+        d = [b - a for a, b in zip(self.cpu_at_start, self.cpu_at_end)]
         total = sum(d[:8])  # user .. steal (guest time is already in user)
         return round(100.0 * d[7] / total, 1) if total > 0 else None
 

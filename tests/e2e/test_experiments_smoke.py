@@ -43,6 +43,11 @@ def test_experiment_writes_results(name, tmp_path):
     # the machine the numbers came from: cores, load, and the hypervisor's steal
     assert f"{os.cpu_count()} cores" in summary["machine"]
     assert env["steal_pct"] is None or 0 <= env["steal_pct"] <= 100
+    if env["steal_pct"] is not None:  # one figure for the run, in its claims and summary
+        assert f"took {env['steal_pct']:g} % of CPU" in summary["machine"]
+        for c in summary["claims"]:
+            assert "the hypervisor took" not in c["why"] or \
+                f"took {env['steal_pct']:g} % of CPU" in c["why"], c["why"]
     pngs = [f for f in os.listdir(out) if f.endswith(".png")]
     assert pngs and all((out / f).stat().st_size > 10_000 for f in pngs)
     assert set(summary["figures"]) == set(pngs)
