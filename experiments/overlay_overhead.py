@@ -24,6 +24,7 @@ MODES = {"best_effort": ("best_effort", True), "reliable_link": ("reliable", Tru
 OFFER = 1.2  # the overlay sender offers 1.2x the link rate (payload): the link stays full
 # without a backlog that takes a minute to drain through a reliable link
 PAPER_OVERHEAD = {"best_effort": 2.3, "reliable_link": 3.5, "both_layers": 5.7}
+PAPER_MAX_MBIT = 100  # the paper's overheads are for links of 0.5 to 100 Mbit/s
 
 
 def overlay_goodput(net, ov, mode: str, seconds: float, port: int, size: int,
@@ -89,9 +90,11 @@ def run(ctx) -> None:
     import pandas as pd
 
     d = pd.DataFrame([r for r in ctx.rows if r["mode"] != "forwarding_bench"])
-    # the overhead is measured where the overlay keeps up: the highest rate at which every
-    # mode delivered at least 90 % of kernel TCP's goodput
-    ok_rates = [r for r in rates if (d[(d.rate_mbit == r)].pct_of_tcp >= 90).all()]
+    # the overhead is measured where the overlay keeps up, within the paper's range: the
+    # highest rate up to PAPER_MAX_MBIT at which every mode delivered at least 90 % of
+    # kernel TCP's goodput
+    ok_rates = [r for r in rates if r <= PAPER_MAX_MBIT
+                and (d[(d.rate_mbit == r)].pct_of_tcp >= 90).all()]
     cpu_bound = {m: [r for r in rates if float(d[(d.rate_mbit == r) & (d["mode"] == m)]
                                                 .pct_of_tcp.iloc[0]) < 90] for m in MODES}
     ctx.params["cpu_bound_rates_mbit"] = cpu_bound
@@ -106,9 +109,10 @@ def run(ctx) -> None:
                                        "5.7 % below TCP"}[mode],
                   paper, round(ov, 2), f"% below kernel TCP at {ref:g} Mbit/s",
                   ov <= paper + 2.0,
-                  f"goodput at {ref:g} Mbit/s (the highest rate where every mode reached 90 % "
-                  f"of TCP): {at.loc[mode, 'mbit_s']} vs TCP {at.loc['kernel_tcp', 'mbit_s']} "
-                  f"Mbit/s; holds within 2 points of the paper. The overhead is mostly headers: "
+                  f"goodput at {ref:g} Mbit/s (the highest rate up to the paper's "
+                  f"{PAPER_MAX_MBIT} Mbit/s where every mode reached 90 % of TCP): "
+                  f"{at.loc[mode, 'mbit_s']} vs TCP {at.loc['kernel_tcp', 'mbit_s']} Mbit/s; "
+                  f"holds within 2 points of the paper. The overhead is mostly headers: "
                   f"{size}-byte messages in overlay + UDP + IP headers vs TCP's 1448-byte "
                   f"segments, plus acks sharing the link. Rates where this mode fell below "
                   f"90 % of TCP (CPU-bound Python client/daemon): "
