@@ -18,7 +18,7 @@ import pandas as pd
 import pytest
 
 from testbed.errors import SpecError
-from testbed.failover import hanet
+from testbed.failover import hanet, hanet_daemon
 from testbed.failover import hanet_web as web
 from topologies import hanet as topo
 
@@ -146,7 +146,7 @@ def test_check_config_catches_what_a_hand_written_config_gets_wrong(tmp_path):
 def test_daemon_refuses_a_bad_config_file_in_one_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "s1"}))
-    p = subprocess.run([sys.executable, "-m", "testbed.failover.hanet", "--config", str(path)],
+    p = subprocess.run([sys.executable, "-m", "testbed.failover.hanet_daemon", "--config", str(path)],
                        capture_output=True, text=True, timeout=60,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert p.returncode == 2
@@ -179,7 +179,7 @@ def _parse(data: bytes, cls):
 def test_route_requests_parse_as_rtnetlink():
     from pyroute2.netlink.rtnl.rtmsg import rtmsg
 
-    nl = hanet.Netlink.__new__(hanet.Netlink)  # no socket: only the packing
+    nl = hanet_daemon.Netlink.__new__(hanet_daemon.Netlink)  # no socket: only the packing
     nl.seq, nl.batch = 41, []
     nl.route("10.20.0.0/24", "10.21.1.2", 7, 100, "10.20.0.11")
     nl.route("0.0.0.0/0", "10.21.1.2", 7, 100)
@@ -200,7 +200,7 @@ def test_route_requests_parse_as_rtnetlink():
 def test_proxy_neighbour_requests_parse_as_rtnetlink():
     from pyroute2.netlink.rtnl.ndmsg import ndmsg
 
-    nl = hanet.Netlink.__new__(hanet.Netlink)
+    nl = hanet_daemon.Netlink.__new__(hanet_daemon.Netlink)
     nl.seq, nl.batch = 0, []
     nl.proxy("10.20.0.11", 5)
     nl.proxy("10.20.0.11", 5, delete=True)
