@@ -56,7 +56,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.files import remove_quietly, write_json_atomic
+from testbed.daemon.files import remove_quietly, write_json_atomic
 
 PARAM_KEYS = ("delay_ms", "jitter_ms", "loss_pct")
 DEFAULT_MAX_HELD = 100_000  # 1 Gbit/s x 1 s of 1500-byte packets is ~83k

@@ -10,16 +10,14 @@ import os
 import re
 import signal
 import subprocess
-import time
 from typing import Callable, Optional, Sequence
 
 from testbed.errors import TestbedError
 from testbed.kernel import netns as kns
+from testbed.poll import TIMEOUT_SCALE, WaitTimeout, wait_until
 from testbed.run import run
 
-# Readiness timeouts are multiplied by this: a machine under software emulation (the
-# full-kernel test VM runs under TCG) starts a Python daemon ten times slower.
-TIMEOUT_SCALE = float(os.environ.get("TESTBED_TIMEOUT_SCALE", "1"))
+__all__ = ["Process", "TIMEOUT_SCALE", "file_exists", "log_matches", "listening"]
 
 
 class Process:
@@ -66,18 +64,19 @@ class Process:
     def wait_ready(self, probe: Callable[[], bool], timeout: float = 10.0,
                    interval: float = 0.01) -> "Process":
         """Poll probe() until true; fail early with the log tail if the process dies."""
-        timeout *= TIMEOUT_SCALE
-        deadline = time.monotonic() + timeout
-        while True:
-            if probe():
-                return self
+
+        def died():
             if not self.alive:
-                raise TestbedError(f"{self.name} exited with {self.returncode} before it was "
-                                   f"ready: {self.log(tail=3).strip() or '(empty log)'}")
-            if time.monotonic() > deadline:
-                raise TestbedError(f"{self.name} not ready after {timeout:g} s "
-                                   f"(log {self.log_path})")
-            time.sleep(interval)
+                return (f"{self.name} exited with {self.returncode} before it was "
+                        f"ready: {self.log(tail=3).strip() or '(empty log)'}")
+            return None
+
+        try:
+            wait_until(probe, timeout, f"{self.name} ready", interval, abort=died)
+        except WaitTimeout:
+            raise TestbedError(f"{self.name} not ready after {timeout * TIMEOUT_SCALE:g} s "
+                               f"(log {self.log_path})") from None
+        return self
 
     def wait(self, timeout: Optional[float] = None) -> int:
         try:

@@ -39,7 +39,7 @@ from typing import Optional
 from testbed.failover import wire
 from testbed.failover.membership import Membership, Timeouts
 from testbed.failover.vip import Actuator, VipManager
-from testbed.files import write_atomic, write_json_atomic
+from testbed.daemon.files import write_atomic, write_json_atomic
 
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # reachable, stale, delay, probe, permanent
 EEXIST, EADDRNOTAVAIL = 17, 99

@@ -63,7 +63,7 @@ from typing import Optional
 
 from testbed.errors import SpecError
 from testbed.failover import hanet_wire as wire
-from testbed.files import write_atomic, write_json_atomic
+from testbed.daemon.files import write_atomic, write_json_atomic
 
 
 METHODS = ("carrier", "arp", "ping")

@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 
-from testbed.files import write_atomic
+from testbed.daemon.files import write_atomic
 
 # Surge (Barford and Crovella 1998): file sizes lognormal in the body, Pareto in the tail
 BODY_MU, BODY_SIGMA = 9.357, 1.318

@@ -19,7 +19,7 @@ import socket
 import sys
 import time
 
-from testbed.files import write_json_atomic
+from testbed.daemon.files import write_json_atomic
 
 CHUNK = 16384
 

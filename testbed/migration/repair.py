@@ -9,10 +9,12 @@ so the numbers are declared here (include/uapi/linux/tcp.h).
 
 from __future__ import annotations
 
-import fcntl
 import socket
 import struct
 from dataclasses import asdict, dataclass
+
+from testbed.kernel.sockq import (receive_queue_bytes, send_queue_bytes,  # noqa: F401
+                                  unsent_bytes)
 
 SOL_TCP = socket.IPPROTO_TCP
 TCP_REPAIR = 19
@@ -24,7 +26,6 @@ TCP_REPAIR_WINDOW = 29
 TCP_REPAIR_ON, TCP_REPAIR_OFF = 1, 0
 TCP_RECV_QUEUE, TCP_SEND_QUEUE = 1, 2
 IP_FREEBIND = 15
-SIOCINQ, SIOCOUTQ, SIOCOUTQNSD = 0x541B, 0x5411, 0x894B
 # tcp_repair_opt codes (TCPOPT_*) and tcp_info option bits (TCPI_OPT_*)
 TCPOPT_MSS, TCPOPT_WINDOW, TCPOPT_SACK_PERM, TCPOPT_TIMESTAMP = 2, 3, 4, 8
 TCPI_OPT_TIMESTAMPS, TCPI_OPT_SACK, TCPI_OPT_WSCALE = 1, 2, 4
@@ -93,15 +94,6 @@ def _u32(sock: socket.socket, opt: int) -> int:
     return struct.unpack("=I", sock.getsockopt(SOL_TCP, opt, 4))[0]
 
 
-def _ioctl_int(sock: socket.socket, req: int) -> int:
-    return struct.unpack("=i", fcntl.ioctl(sock.fileno(), req, b"\0" * 4))[0]
-
-
-def send_queue_bytes(sock: socket.socket) -> int:
-    """Bytes in the socket's send queue: not yet sent, or sent and not yet acknowledged."""
-    return _ioctl_int(sock, SIOCOUTQ)
-
-
 def repair(sock: socket.socket, on: bool) -> None:
     sock.setsockopt(SOL_TCP, TCP_REPAIR, TCP_REPAIR_ON if on else TCP_REPAIR_OFF)
 
@@ -118,7 +110,7 @@ def _peek(sock: socket.socket, n: int) -> bytes:
 def dump(sock: socket.socket) -> tuple:
     """Put sock in repair mode (it stays there: it will send nothing more) and return
     (TcpState, send queue bytes, receive queue bytes)."""
-    outq, unsent, inq = (_ioctl_int(sock, r) for r in (SIOCOUTQ, SIOCOUTQNSD, SIOCINQ))
+    outq, unsent, inq = send_queue_bytes(sock), unsent_bytes(sock), receive_queue_bytes(sock)
     info = sock.getsockopt(SOL_TCP, socket.TCP_INFO, 8)
     options, wscale = info[5], info[6]
     mss = sock.getsockopt(SOL_TCP, socket.TCP_MAXSEG)

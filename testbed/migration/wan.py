@@ -45,7 +45,7 @@ from typing import Optional
 
 from testbed.errors import TestbedError
 from testbed.process import listening, log_matches
-from testbed.files import write_json_atomic
+from testbed.daemon.files import write_json_atomic
 
 PAGE = 4096
 PAGE_HDR = struct.Struct("!II")          # page number, crc32

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Callable, Optional
 
-from testbed.migration.repair import send_queue_bytes
+from testbed.kernel.sockq import send_queue_bytes
 from testbed.mirror import volume as vol
 from testbed.mirror import wire
 from testbed.mirror.bucket import TokenBucket

@@ -65,7 +65,7 @@ from testbed.overlay.linkstate import COSTS, LinkStateDB, shortest_paths
 from testbed.overlay.reliable import ReceiveWindow, ReorderBuffer, RttEstimator, SRSender
 from testbed.overlay.wire import (BEST_EFFORT, DATA, E2E_ACK, HELLO, HELLO_ACK, LINK_ACK,
                                   LINK_STATE, MASK32, REALTIME, RELIABLE)
-from testbed.files import write_atomic
+from testbed.daemon.files import write_atomic
 
 DEFAULT_PORT = 8100
 BATCH = 64  # datagrams (or client frames) read per readiness event

@@ -49,7 +49,7 @@ import subprocess
 import sys
 import uuid
 
-from testbed.files import remove_quietly, write_json_atomic
+from testbed.daemon.files import remove_quietly, write_json_atomic
 
 # /dev/net/tun
 TUNSETIFF = 0x400454CA

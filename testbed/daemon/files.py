@@ -24,3 +24,21 @@ def remove_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+class ready_file:
+    """`with ready_file(path, info):` writes a ready file (JSON: pid and info) on entry,
+    for the harness's readiness probe, and removes it on exit, however the daemon ends.
+    A path of None does nothing, for daemons started without --ready-file."""
+
+    def __init__(self, path, info: dict = None):
+        self.path, self.info = path, dict(info or {})
+
+    def __enter__(self) -> "ready_file":
+        if self.path:
+            write_json_atomic(self.path, {"pid": os.getpid(), **self.info})
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.path:
+            remove_quietly(self.path)
