@@ -23,6 +23,13 @@ class ArgParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
         self.exit(2, f"{self.name}: {message}\n")
 
+    def add_subparsers(self, **kw):
+        """Sub-commands are ArgParsers too, with the same name in front of their errors."""
+        if "parser_class" not in kw:
+            name = self.name
+            kw["parser_class"] = lambda **pkw: ArgParser(name, **pkw)
+        return super().add_subparsers(**kw)
+
     def exit(self, status: int = 0, message=None) -> None:
         if message:
             sys.stderr.write(message)

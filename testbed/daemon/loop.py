@@ -36,6 +36,42 @@ def raise_stop_on_signals(signals=STOP_SIGNALS) -> dict:
     return on_signals(stop, signals)
 
 
+class Wakeup:
+    """The signal wake-up fd for a hand-written select loop: a socketpair whose write end
+    the kernel's signal delivery writes to, so a select() on `fileno()` returns as soon as
+    a signal arrives instead of sleeping through it. drain() once it is readable; close()
+    restores the previous wake-up fd. (Loop.stop_on_signals uses one.)"""
+
+    def __init__(self):
+        self.r, self.w = socket.socketpair()
+        self.r.setblocking(False)
+        self.w.setblocking(False)
+        self.old = signal.set_wakeup_fd(self.w.fileno())
+
+    def fileno(self) -> int:
+        return self.r.fileno()
+
+    def drain(self) -> None:
+        try:
+            while self.r.recv(64):
+                pass
+        except (BlockingIOError, InterruptedError):
+            pass
+
+    def close(self) -> None:
+        if self.r is not None:
+            signal.set_wakeup_fd(self.old if self.old is not None else -1)
+            self.r.close()
+            self.w.close()
+            self.r = self.w = None
+
+    def __enter__(self) -> "Wakeup":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Timers:
     """A heap of (when, n, callback(now)); callbacks re-check what they were armed for."""
 
@@ -66,8 +102,7 @@ class Loop:
         self.timers = Timers()
         self.stopping = False
         self.signum: Optional[int] = None
-        self._wake = None
-        self._old_wakeup = None
+        self._wake: Optional[Wakeup] = None
         self._old_handlers: dict = {}
 
     # files and timers ----------------------------------------------------------------------
@@ -98,20 +133,12 @@ class Loop:
             self.signum = signum
 
     def stop_on_signals(self, signals=STOP_SIGNALS) -> None:
-        r, w = socket.socketpair()
-        r.setblocking(False)
-        w.setblocking(False)
-        self._wake = (r, w)
-        self._old_wakeup = signal.set_wakeup_fd(w.fileno())
-        self.add(r, self._drain)
+        self._wake = Wakeup()
+        self.add(self._wake, self._drain)
         self._old_handlers = on_signals(self.stop, signals)
 
     def _drain(self, mask: int) -> None:
-        try:
-            while self._wake[0].recv(64):
-                pass
-        except (BlockingIOError, InterruptedError):
-            pass
+        self._wake.drain()
 
     # running -------------------------------------------------------------------------------
     def run_once(self, max_wait: Optional[float] = None) -> None:
@@ -130,8 +157,7 @@ class Loop:
 
     def close(self) -> None:
         if self._wake is not None:
-            signal.set_wakeup_fd(self._old_wakeup if self._old_wakeup is not None else -1)
-            for s in self._wake:
-                s.close()
+            self.remove(self._wake)
+            self._wake.close()
             self._wake = None
         self.sel.close()
