@@ -17,7 +17,6 @@ import time
 import pandas as pd
 
 from testbed import Network, capabilities
-from testbed.kernel import vlan as kvlan
 from testbed.process import listening, log_matches
 from testbed.topology import Topology
 from testbed.experiment import pyplot
@@ -47,9 +46,9 @@ def build() -> Topology:
 
 def backends() -> list:
     caps = capabilities.probe()
-    out = [kvlan.NATIVE] if caps.bridge_vlan_filtering else []
+    out = ["802.1q"] if caps.bridge_vlan_filtering else []  # Network(vlan_backend=...)
     if caps.links.get("vxlan"):
-        out.append(kvlan.BRIDGES)
+        out.append("bridges")
     return out
 
 

@@ -18,9 +18,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from testbed import results
 from testbed.errors import TestbedError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from testbed.results import ROOT
 EXPERIMENTS_DIR = os.path.join(ROOT, "experiments")
 
 
@@ -163,8 +163,6 @@ def load(name: str):
 
 def execute(name: str, mode: str = "quick", out_root: Optional[str] = None) -> Context:
     """Run one experiment and write its results directory."""
-    from testbed import results
-
     if mode not in ("quick", "full", "smoke"):
         raise TestbedError(f"mode must be quick, full or smoke, got {mode!r}")
     mod = load(name)

@@ -11,7 +11,9 @@ from dataclasses import asdict
 
 import pandas as pd
 
-from testbed.experiment import ROOT
+# the checkout (or installed tree) this package runs from: git commit, results/ by default
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 
 def _git_commit() -> str:
