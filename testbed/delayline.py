@@ -26,9 +26,9 @@ Control (JSON datagrams on the UNIX socket PATH, replies to the sender's bound a
                         "read_lag_us_mean", "lead_us",
                         "kernel_held", "kernel_queue_dropped", "kernel_user_dropped"}
     errors -> {"ok": false, "error": "one line"}
-`control(path, message)` below is the client. Exit codes: 0 on SIGTERM/SIGINT (held packets
-are dropped by the kernel on unbind), 1 if the queue or control socket cannot be set up,
-2 for bad arguments (nothing bound).
+testbed.kernel.delayline.control(path, message) is the client. Exit codes: 0 on
+SIGTERM/SIGINT (held packets are dropped by the kernel on unbind), 1 if the queue or control
+socket cannot be set up, 2 for bad arguments (nothing bound).
 
 Arrival times come from the kernel's receive stamp (we enable stamping with one
 SO_TIMESTAMPNS socket), so our own wake-up latency does not add to the delay; releases are
@@ -45,22 +45,23 @@ import math
 import os
 import random
 import select
-import signal
 import socket
 import struct
 import sys
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from testbed.daemon.files import remove_quietly, write_json_atomic
+from testbed.daemon.args import ArgParser, int_in
+from testbed.daemon.control import MAX_DATAGRAM, bind_control
+from testbed.daemon.files import ready_file, remove_quietly
+from testbed.daemon.loop import Wakeup, on_signals
+from testbed.daemon.main import run_main
 
 PARAM_KEYS = ("delay_ms", "jitter_ms", "loss_pct")
 DEFAULT_MAX_HELD = 100_000  # 1 Gbit/s x 1 s of 1500-byte packets is ~83k
-MAX_DATAGRAM = 65536
 _MAX_STAMP_LAG_NS = 100_000_000  # kernel stamps older than this are taken as clock steps
 
 
@@ -242,36 +243,6 @@ def kernel_queue_counters(
     return {}
 
 
-# --------------------------------------------------------------------------- control client
-
-
-def control(path: str, message: dict[str, Any], timeout: float = 2.0) -> dict[str, Any]:
-    """Send one control message to the daemon at `path` and return its reply.
-
-    Binds a temporary datagram socket next to `path` (so the daemon can answer) and removes
-    it afterwards. Raises TimeoutError if no reply comes within `timeout` seconds, and
-    OSError if the daemon's socket is missing.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    client_path = os.path.join(directory, f".dlc-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(client_path)
-        sock.settimeout(timeout)
-        sock.sendto(json.dumps(message).encode(), path)
-        try:
-            data = sock.recv(MAX_DATAGRAM)
-        except socket.timeout:
-            raise TimeoutError(f"no reply from delay line {path} within {timeout} s") from None
-        return json.loads(data)
-    finally:
-        sock.close()
-        try:
-            os.unlink(client_path)
-        except FileNotFoundError:
-            pass
-
-
 # --------------------------------------------------------------------------- daemon
 
 
@@ -321,14 +292,7 @@ class DelayLine:
     def open(self) -> None:
         from netfilterqueue import COPY_META, NetfilterQueue
 
-        if os.path.exists(self.control_path):
-            os.unlink(self.control_path)  # stale socket of a dead daemon
-        self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            self.ctl.bind(self.control_path)
-        except OSError as e:
-            raise OSError(f"cannot create control socket {self.control_path}: {e}") from e
-        self.ctl.setblocking(False)
+        self.ctl = bind_control(self.control_path)
 
         # Netlink receive buffer: bursts queue up here while we are busy; the kernel doubles it.
         sock_len = min(max(self.max_held * 512, 4 << 20), 256 << 20)
@@ -367,10 +331,7 @@ class DelayLine:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None
-            try:
-                os.unlink(self.control_path)
-            except FileNotFoundError:
-                pass
+            remove_quietly(self.control_path)
 
     def _apply_gso(self) -> None:
         """Take GSO packets whole unless loss must apply per MTU packet."""
@@ -500,11 +461,8 @@ class DelayLine:
 
     def run(self) -> None:
         """Serve until SIGTERM/SIGINT (install `on_signal` for them before calling)."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
-        nfq_fd, ctl_fd, wake_fd = self.nfq_fd, self.ctl.fileno(), wake_r.fileno()
+        wake = Wakeup()
+        nfq_fd, ctl_fd, wake_fd = self.nfq_fd, self.ctl.fileno(), wake.fileno()
         fds = [nfq_fd, ctl_fd, wake_fd]
         held = self.held
         monotonic_ns = time.monotonic_ns
@@ -542,25 +500,15 @@ class DelayLine:
                 if ctl_fd in ready:
                     self._on_control()
                 if wake_fd in ready:
-                    try:
-                        while wake_r.recv(64):
-                            pass
-                    except (BlockingIOError, InterruptedError):
-                        pass
+                    wake.drain()
         finally:
-            signal.set_wakeup_fd(old_wakeup)
-            wake_r.close()
-            wake_w.close()
-
-
-class _ArgParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"delayline: {message}\n")
+            wake.close()
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = _ArgParser(prog="python -m testbed.delayline", description=__doc__.splitlines()[0])
-    p.add_argument("--queue", type=int, required=True, help="NFQUEUE number (0-65535)")
+    p = ArgParser("delayline", description=__doc__.splitlines()[0])
+    p.add_argument("--queue", type=int_in(0, 65535), required=True,
+                   help="NFQUEUE number (0-65535)")
     p.add_argument("--delay-ms", type=float, required=True)
     p.add_argument("--jitter-ms", type=float, default=0.0, help="uniform in [-J, +J], <= delay")
     p.add_argument("--loss-pct", type=float, default=0.0)
@@ -569,15 +517,11 @@ def parse_args(argv) -> argparse.Namespace:
     p.add_argument("--ready-file", default=None, help="written once the queue is bound")
     p.add_argument(
         "--max-held",
-        type=int,
+        type=int_in(1, 1 << 31),
         default=DEFAULT_MAX_HELD,
         help="kernel queue length: most packets held at once",
     )
     args = p.parse_args(argv)
-    if not 0 <= args.queue <= 65535:
-        p.error(f"--queue must be in 0..65535, got {args.queue}")
-    if args.max_held < 1:
-        p.error(f"--max-held must be >= 1, got {args.max_held}")
     try:
         args.params = LineParams(args.delay_ms, args.jitter_ms, args.loss_pct)
     except ValueError as e:
@@ -585,35 +529,28 @@ def parse_args(argv) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def serve(argv) -> int:
+    args = parse_args(argv)
     _set_timer_slack(1000)
     line = DelayLine(args.queue, Scheduler(args.params, args.seed), args.control, args.max_held)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, line.on_signal)
+    on_signals(line.on_signal)
     try:
         try:
             line.open()
         except OSError as e:
             _log(str(e))
             return 1
-        if args.ready_file:
-            write_json_atomic(
-                args.ready_file,
-                {
-                    "pid": os.getpid(),
-                    "queue": args.queue,
-                    "control": args.control,
-                    "params": args.params.to_dict(),
-                },
-            )
-        if not line.stop:
-            line.run()
+        info = {"queue": args.queue, "control": args.control, "params": args.params.to_dict()}
+        with ready_file(args.ready_file, info):
+            if not line.stop:
+                line.run()
     finally:
         line.close()
-        if args.ready_file:
-            remove_quietly(args.ready_file)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("delayline", serve, argv)
 
 
 if __name__ == "__main__":

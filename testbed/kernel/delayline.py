@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 import sys
 
+from testbed.daemon.control import request
+from testbed.errors import TestbedError
 from testbed.kernel import netns as kns
 from testbed.run import run
 from testbed.spec import Shaping
@@ -60,22 +62,22 @@ def steer(ns: str, direction: str) -> None:
         netns=ns)
 
 
-def set_params(control: str, s: Shaping) -> dict:
-    from testbed.delayline import control as send
+def control(path: str, message: dict, timeout: float = 2.0) -> dict:
+    """One control message to the daemon at path, its reply (see testbed.delayline).
+    TimeoutError without a reply, OSError if the daemon's socket is missing."""
+    return request(path, message, timeout, what="delay line")
 
-    reply = send(control, {"set": {"delay_ms": s.delay_ms, "jitter_ms": s.jitter_ms,
+
+def set_params(path: str, s: Shaping) -> dict:
+    reply = control(path, {"set": {"delay_ms": s.delay_ms, "jitter_ms": s.jitter_ms,
                                    "loss_pct": s.loss_pct}})
     if not reply.get("ok"):
-        from testbed.errors import TestbedError
-
-        raise TestbedError(f"delay line {control}: {reply.get('error')}")
+        raise TestbedError(f"delay line {path}: {reply.get('error')}")
     return reply
 
 
-def stats(control: str) -> dict:
-    from testbed.delayline import control as send
-
-    return send(control, {"stats": True})
+def stats(path: str) -> dict:
+    return control(path, {"stats": True})
 
 
 def control_path(log_dir: str, wire_ns: str, direction: str) -> str:

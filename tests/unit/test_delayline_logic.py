@@ -13,12 +13,12 @@ import threading
 import pytest
 
 from testbed import delayline
+from testbed.kernel.delayline import control
 from testbed.delayline import (
     DelayLine,
     LineParams,
     Pacer,
     Scheduler,
-    control,
     parse_args,
     queue_flags_message,
     verdict_batch_message,
@@ -333,7 +333,7 @@ def test_good_argv():
     assert a.max_held == delayline.DEFAULT_MAX_HELD
 
 
-# control client -------------------------------------------------------------------------------
+# control client (testbed.kernel.delayline.control, over testbed.daemon.control) -------------
 
 
 def test_control_client_round_trip_and_cleanup(tmp_path):
