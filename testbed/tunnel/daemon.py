@@ -41,15 +41,13 @@ import fcntl
 import ipaddress
 import json
 import os
-import select
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import uuid
 
-from testbed.daemon.files import remove_quietly, write_json_atomic
+from testbed.daemon import ArgParser, Loop, ipv4, port, ready_file, remove_quietly, run_main
+from testbed.daemon.control import bind_control, request
 
 # /dev/net/tun
 TUNSETIFF = 0x400454CA
@@ -146,7 +144,7 @@ def configure(dev: str, inner: ipaddress.IPv4Interface, mtu: int, gso_max: int |
 
 
 class Tunnel:
-    """One TUN device and one UDP socket, relayed by a single select loop."""
+    """One TUN device and one UDP socket, relayed by one runtime Loop."""
 
     COUNTERS = ("tun_rx_packets", "tun_rx_bytes", "sent_packets", "sent_bytes", "send_drops",
                 "udp_rx_packets", "udp_rx_bytes", "tun_tx_packets", "tun_tx_bytes",
@@ -156,7 +154,6 @@ class Tunnel:
         self.args = args
         self.offload = args.offload
         self.peer = (args.remote, args.remote_port)
-        self.stop = False
         self.tun = -1
         self.sock: socket.socket | None = None
         self.ctl: socket.socket | None = None
@@ -177,9 +174,7 @@ class Tunnel:
         self.tun = open_tun(a.dev, self.offload)
         configure(a.dev, a.inner, a.mtu, a.gso_max if self.offload else None)
         if a.control:
-            self.ctl = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            self.ctl.bind(a.control)
-            self.ctl.setblocking(False)
+            self.ctl = bind_control(a.control)
 
     def close(self) -> None:
         if self.tun >= 0:
@@ -189,10 +184,7 @@ class Tunnel:
             if s is not None:
                 s.close()
         if self.ctl is not None:
-            try:
-                os.unlink(self.args.control)
-            except FileNotFoundError:
-                pass
+            remove_quietly(self.args.control)
 
     def stats(self) -> dict:
         return {"ok": True, **self.counts, "offload": self.offload, "dev": self.args.dev,
@@ -207,7 +199,7 @@ class Tunnel:
         except ValueError as e:
             return {"ok": False, "error": f"bad JSON: {e}"}
 
-    def _on_control(self) -> None:
+    def _on_control(self, mask: int = 0) -> None:
         while True:
             try:
                 data, addr = self.ctl.recvfrom(65536)
@@ -219,22 +211,10 @@ class Tunnel:
                 except OSError as e:
                     _log(f"control reply to {addr} failed: {e}")
 
-    def on_signal(self, signum, frame) -> None:
-        self.stop = True
-
-    def run(self) -> None:
-        """Relay until SIGTERM/SIGINT. The hot loops keep everything in locals."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        old_wakeup = signal.set_wakeup_fd(wake_w.fileno())
+    def run(self, loop: Loop) -> None:
+        """Relay until the loop stops (SIGTERM/SIGINT: loop.stop_on_signals()). The hot
+        paths keep everything in locals; each drains up to BATCH packets per wake-up."""
         tun, sock, peer, offload = self.tun, self.sock, self.peer, self.offload
-        ctl_fd = self.ctl.fileno() if self.ctl else -1
-        sock_fd, wake_fd = sock.fileno(), wake_r.fileno()
-        fds = [tun, sock_fd, wake_fd] + ([ctl_fd] if ctl_fd >= 0 else [])
-        poller = select.epoll()
-        for fd in fds:
-            poller.register(fd, select.EPOLLIN)
         # tun -> udp: read into rbuf; with offload, rbuf starts with the virtio_net_hdr
         rbuf = bytearray(MAX_DATAGRAM + VNET_LEN + 64)
         rmv = memoryview(rbuf)
@@ -247,124 +227,78 @@ class Tunnel:
         recvfrom_into, sendto = sock.recvfrom_into, sock.sendto
         rbufs = [rbuf]
         c = self.counts
-        try:
-            while not self.stop:
+
+        def from_tun(mask: int) -> None:
+            pk = by = sent = sby = drops = 0
+            for _ in range(BATCH):
                 try:
-                    events = poller.poll()
-                except InterruptedError:
+                    n = readv(tun, rbufs)
+                except BlockingIOError:
+                    break
+                pk += 1
+                by += n
+                if offload:
+                    out = rmv[:n] if (rbuf[1] or rbuf[0] & 1) else rmv[VNET_LEN:n]
+                else:
+                    out = rmv[:n]
+                try:
+                    sby += sendto(out, peer)
+                    sent += 1
+                except OSError:  # EAGAIN, ENOBUFS, EMSGSIZE, unreachable
+                    drops += 1
+            c["tun_rx_packets"] += pk
+            c["tun_rx_bytes"] += by
+            c["sent_packets"] += sent
+            c["sent_bytes"] += sby
+            c["send_drops"] += drops
+
+        def from_udp(mask: int) -> None:
+            pk = by = wp = wby = foreign = bad = werr = 0
+            for _ in range(BATCH):
+                try:
+                    n, addr = recvfrom_into(into)
+                except BlockingIOError:
+                    break
+                pk += 1
+                by += n
+                if addr != peer:
+                    foreign += 1
                     continue
-                c["wakeups"] += 1
-                for fd, _ in events:
-                    if fd == tun:
-                        pk = by = sent = sby = drops = 0
-                        for _ in range(BATCH):
-                            try:
-                                n = readv(tun, rbufs)
-                            except BlockingIOError:
-                                break
-                            pk += 1
-                            by += n
-                            if offload:
-                                out = rmv[:n] if (rbuf[1] or rbuf[0] & 1) else rmv[VNET_LEN:n]
-                            else:
-                                out = rmv[:n]
-                            try:
-                                sby += sendto(out, peer)
-                                sent += 1
-                            except OSError:  # EAGAIN, ENOBUFS, EMSGSIZE, unreachable
-                                drops += 1
-                        c["tun_rx_packets"] += pk
-                        c["tun_rx_bytes"] += by
-                        c["sent_packets"] += sent
-                        c["sent_bytes"] += sby
-                        c["send_drops"] += drops
-                    elif fd == sock_fd:
-                        pk = by = wp = wby = foreign = bad = werr = 0
-                        for _ in range(BATCH):
-                            try:
-                                n, addr = recvfrom_into(into)
-                            except BlockingIOError:
-                                break
-                            pk += 1
-                            by += n
-                            if addr != peer:
-                                foreign += 1
-                                continue
-                            kind = classify(ubuf, VNET_LEN, n, offload)
-                            if kind == PLAIN:
-                                out = umv[:VNET_LEN + n] if offload else umv[VNET_LEN:VNET_LEN + n]
-                            elif kind == OFFLOAD:
-                                out = umv[VNET_LEN:VNET_LEN + n]
-                            else:
-                                bad += 1
-                                continue
-                            try:
-                                write(tun, out)
-                                wp += 1
-                                wby += n
-                            except OSError:
-                                werr += 1
-                        c["udp_rx_packets"] += pk
-                        c["udp_rx_bytes"] += by
-                        c["tun_tx_packets"] += wp
-                        c["tun_tx_bytes"] += wby
-                        c["dropped_foreign"] += foreign
-                        c["dropped_malformed"] += bad
-                        c["tun_write_errors"] += werr
-                    elif fd == ctl_fd:
-                        self._on_control()
-                    elif fd == wake_fd:
-                        try:
-                            while wake_r.recv(64):
-                                pass
-                        except (BlockingIOError, InterruptedError):
-                            pass
-        finally:
-            poller.close()
-            signal.set_wakeup_fd(old_wakeup)
-            wake_r.close()
-            wake_w.close()
+                kind = classify(ubuf, VNET_LEN, n, offload)
+                if kind == PLAIN:
+                    out = umv[:VNET_LEN + n] if offload else umv[VNET_LEN:VNET_LEN + n]
+                elif kind == OFFLOAD:
+                    out = umv[VNET_LEN:VNET_LEN + n]
+                else:
+                    bad += 1
+                    continue
+                try:
+                    write(tun, out)
+                    wp += 1
+                    wby += n
+                except OSError:
+                    werr += 1
+            c["udp_rx_packets"] += pk
+            c["udp_rx_bytes"] += by
+            c["tun_tx_packets"] += wp
+            c["tun_tx_bytes"] += wby
+            c["dropped_foreign"] += foreign
+            c["dropped_malformed"] += bad
+            c["tun_write_errors"] += werr
+
+        loop.add(tun, from_tun)
+        loop.add(sock, from_udp)
+        if self.ctl is not None:
+            loop.add(self.ctl, self._on_control)
+        while not loop.stopping:
+            loop.run_once()
+            c["wakeups"] += 1
 
 
 def control(path: str, message: dict, timeout: float = 2.0) -> dict:
     """Send one control message to the daemon listening on `path`; return its reply.
     Raises TimeoutError without a reply, OSError if the socket is missing."""
-    client = os.path.join(os.path.dirname(os.path.abspath(path)),
-                          f".tnc-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    try:
-        sock.bind(client)
-        sock.settimeout(timeout)
-        sock.sendto(json.dumps(message).encode(), path)
-        try:
-            return json.loads(sock.recv(65536))
-        except socket.timeout:
-            raise TimeoutError(f"no reply from tunnel {path} within {timeout} s") from None
-    finally:
-        sock.close()
-        try:
-            os.unlink(client)
-        except FileNotFoundError:
-            pass
-
-
-class _ArgParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        self.exit(2, f"tunnel: {message}\n")
-
-
-def _port(text: str) -> int:
-    v = int(text)
-    if not 1 <= v <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be in 1..65535, got {v}")
-    return v
-
-
-def _ipv4(text: str) -> str:
-    try:
-        return str(ipaddress.IPv4Address(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an IPv4 address: {text!r}") from None
+    return request(path, message, timeout, what="tunnel")
 
 
 def _inner(text: str) -> ipaddress.IPv4Interface:
@@ -378,12 +312,12 @@ def _inner(text: str) -> ipaddress.IPv4Interface:
 
 
 def parse_args(argv) -> argparse.Namespace:
-    p = _ArgParser(prog="python -m testbed.tunnel", description=__doc__.splitlines()[0])
+    p = ArgParser("tunnel", description=__doc__.splitlines()[0])
     p.add_argument("--dev", required=True, help="TUN device name (created, at most 15 chars)")
-    p.add_argument("--local", type=_ipv4, required=True, help="underlay address to bind")
-    p.add_argument("--remote", type=_ipv4, required=True, help="the peer's underlay address")
-    p.add_argument("--port", type=_port, default=DEFAULT_PORT, help="local UDP port")
-    p.add_argument("--remote-port", type=_port, default=None, help="peer's port (= --port)")
+    p.add_argument("--local", type=ipv4, required=True, help="underlay address to bind")
+    p.add_argument("--remote", type=ipv4, required=True, help="the peer's underlay address")
+    p.add_argument("--port", type=port, default=DEFAULT_PORT, help="local UDP port")
+    p.add_argument("--remote-port", type=port, default=None, help="peer's port (= --port)")
     p.add_argument("--inner", type=_inner, required=True, help="inner address/len of the TUN")
     p.add_argument("--mtu", type=int, required=True, help="MTU of the TUN device")
     p.add_argument("--offload", action=argparse.BooleanOptionalAction, default=True,
@@ -404,11 +338,11 @@ def parse_args(argv) -> argparse.Namespace:
     return a
 
 
-def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def serve(argv) -> int:
+    args = parse_args(argv)
     t = Tunnel(args)
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, t.on_signal)
+    loop = Loop()
+    loop.stop_on_signals()  # before the device exists: a TERM during set-up ends it cleanly
     try:
         try:
             t.open()
@@ -418,16 +352,17 @@ def main(argv=None) -> int:
                 reason = "no /dev/net/tun (see `testbed doctor`)"
             _log(f"cannot set up {args.dev}: {reason}")
             return 1
-        if args.ready_file:
-            write_json_atomic(args.ready_file, {
-                "pid": os.getpid(), "dev": args.dev, "local": args.local, "port": args.port,
+        with ready_file(args.ready_file, {
+                "dev": args.dev, "local": args.local, "port": args.port,
                 "remote": args.remote, "remote_port": args.remote_port,
                 "inner": str(args.inner), "mtu": args.mtu, "offload": args.offload,
-                "control": args.control})
-        if not t.stop:
-            t.run()
+                "control": args.control}):
+            t.run(loop)
     finally:
+        loop.close()
         t.close()
-        if args.ready_file:
-            remove_quietly(args.ready_file)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("tunnel", serve, argv)

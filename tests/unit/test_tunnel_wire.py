@@ -136,3 +136,54 @@ def test_golden_echo_checksums_are_valid():
         return s
 
     assert fold(ECHO[:20]) == 0xFFFF and fold(ECHO[20:]) == 0xFFFF
+
+
+def test_relay_loop_both_ways_on_the_runtime_loop():
+    """The relay (Tunnel.run on a runtime Loop) without root: a datagram socketpair stands
+    in for the TUN device (one packet per read and write, as TUN does)."""
+    import socket
+
+    from testbed.daemon import Loop
+
+    def udp() -> socket.socket:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        return s
+
+    sock, peer, stranger = udp(), udp(), udp()
+    sock.setblocking(False)
+    tun, kernel = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    tun.setblocking(False)
+    args = d.parse_args(["--dev", "tudp0", "--local", "127.0.0.1", "--remote", "127.0.0.1",
+                         "--port", str(sock.getsockname()[1]),
+                         "--remote-port", str(peer.getsockname()[1]),
+                         "--inner", "172.30.0.1/30", "--mtu", "1472", "--no-offload"])
+    t = d.Tunnel(args)
+    t.sock, t.tun = sock, tun.fileno()
+    try:
+        kernel.send(ECHO)                              # routed into the TUN: to the peer
+        peer.sendto(ECHO, sock.getsockname())          # from the peer: into the TUN
+        peer.sendto(b"not IP", sock.getsockname())     # malformed: dropped
+        stranger.sendto(ECHO, sock.getsockname())      # not the peer: dropped
+        loop = Loop()
+        loop.after(0.3, lambda now: loop.stop())
+        t.run(loop)
+        loop.close()
+        peer.settimeout(1)
+        kernel.settimeout(1)
+        assert peer.recv(2048) == ECHO
+        assert kernel.recv(2048) == ECHO
+        c = t.stats()
+        assert (c["tun_rx_packets"], c["sent_packets"], c["udp_rx_packets"]) == (1, 1, 3)
+        assert (c["tun_tx_packets"], c["dropped_malformed"], c["dropped_foreign"]) == (1, 1, 1)
+        assert c["wakeups"] >= 1 and c["tun_tx_bytes"] == len(ECHO)
+    finally:
+        for s in (sock, peer, stranger, tun, kernel):
+            s.close()
+
+
+def test_control_answers_stats_and_refuses_the_rest():
+    t = d.Tunnel(d.parse_args(BASE))
+    assert t.handle_control(b'{"stats": true}')["tun_rx_packets"] == 0
+    assert "unknown command" in t.handle_control(b'{"nope": 1}')["error"]
+    assert "bad JSON" in t.handle_control(b"{")["error"]
