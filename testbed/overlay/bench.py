@@ -20,14 +20,15 @@ longest silence f sees.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
 from testbed import Network, Topology
+from testbed.daemon.args import ArgParser
 from testbed.overlay import start_overlay
+from testbed.poll import wait_until
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -128,14 +129,12 @@ def _reroute_trial(net, trial: int, hello_ms: float, kill: bool) -> dict:
         time.sleep(0.5)
         t0 = time.monotonic()
         ov.stop("b", kill=kill)
-        while True:
+
+        def around_b():
             path = ov.routes("a").get("f", {}).get("path", [])
-            if path and "b" not in path:
-                t1 = time.monotonic()
-                break
-            if time.monotonic() - t0 > 30:
-                raise RuntimeError("a never routed around b")
-            time.sleep(0.005)
+            return time.monotonic() if path and "b" not in path else None
+
+        t1 = wait_until(around_b, 30, "a's route to f around b", interval=0.005, scale=False)
         time.sleep(0.5)
     finally:
         stop.set()
@@ -166,7 +165,7 @@ def reroute(hello_ms: float = 200, trials: int = 5, kill: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m testbed.overlay.bench")
+    p = ArgParser("overlay bench", prog="python -m testbed.overlay.bench")
     p.add_argument("--seconds", type=float, default=5)
     p.add_argument("--size", type=int, default=1400)
     p.add_argument("--link", default="best_effort", choices=("best_effort", "reliable",

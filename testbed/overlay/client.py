@@ -34,6 +34,7 @@ from typing import Optional
 
 from testbed.errors import TestbedError
 from testbed.overlay import wire
+from testbed.poll import WaitTimeout, wait_until
 
 LINKS = tuple(wire.PROTOS)
 
@@ -211,16 +212,17 @@ class OverlaySocket:
     def wait_acked(self, timeout: float = 30.0) -> float:
         """Wait until every message sent is acknowledged end to end; returns the seconds
         waited. OverlayTimeout if some are still unacknowledged after timeout."""
-        t0 = time.monotonic()
-        while True:
+        def acked() -> bool:
             self._ch.raise_errors()
-            left = self.pending()
-            if left == 0:
-                return time.monotonic() - t0
-            if time.monotonic() - t0 > timeout:
-                raise OverlayTimeout(f"{left} messages still unacknowledged after "
-                                     f"{timeout:g} s")
-            time.sleep(0.01)
+            return self.pending() == 0
+
+        t0 = time.monotonic()
+        try:
+            wait_until(acked, timeout, "acknowledged", scale=False)
+        except WaitTimeout:
+            raise OverlayTimeout(f"{self.pending()} messages still unacknowledged after "
+                                 f"{timeout:g} s") from None
+        return time.monotonic() - t0
 
     def close(self) -> None:
         if not self.closed:

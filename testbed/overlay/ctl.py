@@ -8,10 +8,10 @@ Exit codes: 0, 1 if the daemon cannot be reached, 2 for bad arguments.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
+from testbed.daemon.args import ArgParser
 from testbed.overlay.client import OverlayError, connect
 
 WHAT = ("neighbours", "routes", "stats")
@@ -54,8 +54,8 @@ def render(what: str, data: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m testbed.overlay.ctl",
-                                description="show an overlay daemon's neighbours, routes, stats")
+    p = ArgParser("overlay ctl", prog="python -m testbed.overlay.ctl",
+                  description="show an overlay daemon's neighbours, routes, stats")
     p.add_argument("sock", help="the daemon's control socket")
     p.add_argument("what", choices=WHAT)
     p.add_argument("--json", action="store_true", help="print the raw JSON")

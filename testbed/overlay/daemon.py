@@ -5,10 +5,10 @@
         [--cost hops|latency|expected] [--dead-hellos 2.5] [--refresh-s 30] [--max-age-s 120]
 
 One UDP socket for the overlay, one UNIX SOCK_SEQPACKET socket for local clients and
-control, one thread: a selectors loop with a timer heap. After each batch of events the
-loop "flushes": re-originates its LSA, recomputes routes, floods, sends the link acks due
-(one per link per batch: per-packet acks at low rates, batched at high rates, no timers)
-and pumps the link and session queues.
+control, one thread: the daemon runtime's Loop (a selector with timers). After each batch
+of events the loop "flushes": re-originates its LSA, recomputes routes, floods, sends the
+link acks due (one per link per batch: per-packet acks at low rates, batched at high rates,
+no timers) and pumps the link and session queues.
 
 Per link (wire.py has the formats):
 - hello protocol: a HELLO every hello interval, answered at once by a HELLO_ACK (RTT from
@@ -45,14 +45,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import heapq
 import hmac
-import ipaddress
 import json
 import os
 import random
 import selectors
-import signal
 import socket
 import struct
 import sys
@@ -65,7 +62,11 @@ from testbed.overlay.linkstate import COSTS, LinkStateDB, shortest_paths
 from testbed.overlay.reliable import ReceiveWindow, ReorderBuffer, RttEstimator, SRSender
 from testbed.overlay.wire import (BEST_EFFORT, DATA, E2E_ACK, HELLO, HELLO_ACK, LINK_ACK,
                                   LINK_STATE, MASK32, REALTIME, RELIABLE)
-from testbed.daemon.files import write_atomic
+from testbed.daemon.args import ArgParser, UsageError, addr, int_in
+from testbed.daemon.files import ready_file
+from testbed.daemon.keys import read_key
+from testbed.daemon.loop import Loop
+from testbed.daemon.main import run_main
 
 DEFAULT_PORT = 8100
 BATCH = 64  # datagrams (or client frames) read per readiness event
@@ -98,31 +99,6 @@ def now_us32() -> int:
 def _since_us(ts: int) -> float:
     """Seconds from an echoed now_us32() stamp to now (None-safe use: < 60 s sanity)."""
     return ((now_us32() - ts) & MASK32) / 1e6
-
-
-class Stop(BaseException):
-    """Raised by the signal handlers to leave the loop (not an Exception: nothing in the
-    loop's error handling may swallow it)."""
-
-
-class Timers:
-    """A heap of (when, n, callback(now)); callbacks re-check what they were armed for."""
-
-    def __init__(self):
-        self.heap: list = []
-        self.n = 0
-
-    def at(self, when: float, fn) -> None:
-        self.n += 1
-        heapq.heappush(self.heap, (when, self.n, fn))
-
-    def timeout(self, now: float) -> Optional[float]:
-        return max(0.0, self.heap[0][0] - now) if self.heap else None
-
-    def run(self, now: float) -> None:
-        heap = self.heap
-        while heap and heap[0][0] <= now:
-            heapq.heappop(heap)[2](now)
 
 
 def link_rtt_estimator() -> RttEstimator:
@@ -260,7 +236,7 @@ class SendSession:
         dl = sr.deadline()
         if dl is not None and (self.timer_at is None or dl < self.timer_at):
             self.timer_at = dl
-            self.d.timers.at(dl, self.on_timer)
+            self.d.loop.at(dl, self.on_timer)
         conn = self.conn
         if conn is not None and conn.paused and len(pending) < PENDING_LIMIT // 2:
             conn.maybe_resume()
@@ -347,13 +323,13 @@ class Conn:
             (selectors.EVENT_WRITE if self.out else 0)
         if mask == self.registered:
             return
-        sel = self.d.sel
+        loop = self.d.loop
         if mask == 0:
-            sel.unregister(self.sock)
+            loop.remove(self.sock)
         elif self.registered == 0:
-            sel.register(self.sock, mask, self.on_event)
+            loop.add(self.sock, self.on_event, mask)
         else:
-            sel.modify(self.sock, mask, self.on_event)
+            loop.modify(self.sock, self.on_event, mask)
         self.registered = mask
 
     def on_event(self, mask: int) -> None:
@@ -452,8 +428,7 @@ class Daemon:
         self.sessions_due: set = set()
         self.reroute: list = []
         self.errors_logged = 0
-        self.timers = Timers()
-        self.sel = selectors.DefaultSelector()
+        self.loop = Loop()
         self.buf = bytearray(wire.MAX_FRAME)
         self.mv = memoryview(self.buf)
         self.handlers = {HELLO: self.on_hello, HELLO_ACK: self.on_hello_ack,
@@ -472,7 +447,7 @@ class Daemon:
                 s.setsockopt(socket.SOL_SOCKET, opt, SOCKBUF)
         s.bind(listen)
         s.setblocking(False)
-        self.sel.register(s, selectors.EVENT_READ, self.on_udp)
+        self.loop.add(s, self.on_udp)
         return s
 
     def _unix(self, path: str) -> socket.socket:
@@ -482,7 +457,7 @@ class Daemon:
         s.bind(path)
         s.listen(64)
         s.setblocking(False)
-        self.sel.register(s, selectors.EVENT_READ, self.on_accept)
+        self.loop.add(s, self.on_accept)
         return s
 
     def log(self, msg: str) -> None:
@@ -491,22 +466,19 @@ class Daemon:
 
     # loop ---------------------------------------------------------------------------------
     def run(self) -> None:
+        """Serve until self.loop stops (a stop signal, with loop.stop_on_signals()), then
+        say goodbye."""
         now = mono()
         for i, nb in enumerate(self.neighbours.values()):
             self.arm_hello(nb, now + 0.001 * i)
-        self.timers.at(now + self.refresh_s, self.on_refresh)
-        self.timers.at(now + 5.0, self.on_gc)
+        self.loop.at(now + self.refresh_s, self.on_refresh)
+        self.loop.at(now + 5.0, self.on_gc)
         self.flush(now)
-        try:
-            while True:
-                timeout = self.timers.timeout(mono())
-                for key, mask in self.sel.select(timeout):
-                    key.data(mask)
-                now = mono()
-                self.timers.run(now)
-                self.flush(now)
-        except Stop:
-            self.goodbye()
+        loop = self.loop
+        while not loop.stopping:
+            loop.run_once()  # files ready, then timers due
+            self.flush(mono())
+        self.goodbye()
 
     def goodbye(self) -> None:
         """Flood an LSA without links, so that routes move before hellos time out."""
@@ -522,6 +494,7 @@ class Daemon:
             self.close_conn(conn)
         self.sock.close()
         self.lsock.close()
+        self.loop.close()
         try:
             os.unlink(self.control_path)
         except OSError:
@@ -613,7 +586,7 @@ class Daemon:
     def arm_hello(self, nb: Neighbour, when: float) -> None:
         if nb.hello_timer_at is None or when < nb.hello_timer_at:
             nb.hello_timer_at = when
-            self.timers.at(when, lambda now, nb=nb: self.on_hello_timer(nb, now))
+            self.loop.at(when, lambda now, nb=nb: self.on_hello_timer(nb, now))
 
     def on_hello_timer(self, nb: Neighbour, now: float) -> None:
         if nb.hello_timer_at is None or now < nb.hello_timer_at:
@@ -803,7 +776,7 @@ class Daemon:
         self.lsa_dirty = True
         if self.lsdb.expire(now, keep=(self.id,)):
             self.routes_dirty = True
-        self.timers.at(now + self.refresh_s, self.on_refresh)
+        self.loop.at(now + self.refresh_s, self.on_refresh)
 
     def on_gc(self, now: float) -> None:
         for s in list(self.sessions_by_id.values()):
@@ -812,7 +785,7 @@ class Daemon:
         for key, rs in list(self.recv_sessions.items()):
             if now - rs.last > RECV_IDLE_S:
                 del self.recv_sessions[key]
-        self.timers.at(now + 5.0, self.on_gc)
+        self.loop.at(now + 5.0, self.on_gc)
 
     # forwarding ---------------------------------------------------------------------------
     def route_out(self, typ: int, body: bytearray, now: float, budget: int = 0,
@@ -918,7 +891,7 @@ class Daemon:
             dl = d2
         if dl is not None and (nb.timer_at is None or dl < nb.timer_at):
             nb.timer_at = dl
-            self.timers.at(dl, lambda now, nb=nb: self.on_link_timer(nb, now))
+            self.loop.at(dl, lambda now, nb=nb: self.on_link_timer(nb, now))
 
     def on_link_timer(self, nb: Neighbour, now: float) -> None:
         nb.timer_at = None
@@ -1062,7 +1035,7 @@ class Daemon:
             self.ack_session(rs, now, wire.ACK_CONGESTED if congested else 0)
         elif rs.timer_at is None:
             rs.timer_at = now + E2E_ACK_DELAY
-            self.timers.at(rs.timer_at, lambda t, rs=rs: self.on_ack_timer(rs, t))
+            self.loop.at(rs.timer_at, lambda t, rs=rs: self.on_ack_timer(rs, t))
 
     def on_ack_timer(self, rs: RecvSession, now: float) -> None:
         rs.timer_at = None
@@ -1135,7 +1108,7 @@ class Daemon:
         if conn.closed:
             return
         if conn.registered:
-            self.sel.unregister(conn.sock)
+            self.loop.remove(conn.sock)
             conn.registered = 0
         conn.closed = True
         conn.sock.close()
@@ -1295,49 +1268,29 @@ class Daemon:
 
 # command line -----------------------------------------------------------------------------
 
-def _addr(text: str, what: str) -> tuple:
-    host, sep, port = text.rpartition(":")
+def _neighbour(text: str, me: int) -> tuple:
+    """ID=IP:PORT -> (id, (ip, port)); UsageError naming what is wrong."""
+    nid, sep, where = text.partition("=")
+    if not sep:
+        raise UsageError(f"bad --neighbour {text!r} (want ID=IP:PORT)")
     try:
-        ip = str(ipaddress.IPv4Address(host))
-        p = int(port)
-    except ValueError:
-        raise SystemExit(f"overlay: bad {what} {text!r} (want IPv4:PORT)") from None
-    if not sep or not 0 < p < 65536:
-        raise SystemExit(f"overlay: bad {what} {text!r} (want IPv4:PORT)")
-    return ip, p
-
-
-def _node_id(text: str, what: str) -> int:
+        n = int_in(1, 65535)(nid)
+    except argparse.ArgumentTypeError:
+        raise UsageError(f"a --neighbour id must be a node id 1..65535, got {nid!r}") from None
     try:
-        n = int(text)
-    except ValueError:
-        n = -1
-    if not 1 <= n <= 65535:
-        raise SystemExit(f"overlay: {what} must be a node id 1..65535, got {text!r}")
-    return n
-
-
-def read_key(path: str) -> bytes:
-    """The shared key: a file holding it in hex (at least 16 bytes)."""
-    try:
-        with open(path) as f:
-            text = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"overlay: cannot read --key-file: {e}") from None
-    try:
-        key = bytes.fromhex(text)
-    except ValueError:
-        raise SystemExit(f"overlay: {path} must hold the key in hex") from None
-    if len(key) < 16:
-        raise SystemExit(f"overlay: the key in {path} must be at least 16 bytes")
-    return key
+        where = addr(where)
+    except argparse.ArgumentTypeError:
+        raise UsageError(f"bad --neighbour address {where!r} (want IPv4:PORT)") from None
+    if n == me:
+        raise UsageError(f"node {me} cannot be its own neighbour")
+    return n, where
 
 
 def parse_args(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m testbed.overlay",
-                                description="Spines-style overlay daemon")
-    p.add_argument("--id", required=True)
-    p.add_argument("--listen", required=True, help="IP:PORT of the overlay UDP socket")
+    p = ArgParser("overlay", description="Spines-style overlay daemon")
+    p.add_argument("--id", required=True, type=int_in(1, 65535), help="node id 1..65535")
+    p.add_argument("--listen", required=True, type=addr,
+                   help="IP:PORT of the overlay UDP socket")
     p.add_argument("--neighbour", action="append", default=[], help="ID=IP:PORT (repeat)")
     p.add_argument("--key-file", required=True)
     p.add_argument("--control", required=True, help="path of the UNIX control socket")
@@ -1348,63 +1301,45 @@ def parse_args(argv=None) -> dict:
     p.add_argument("--refresh-s", type=float, default=30)
     p.add_argument("--max-age-s", type=int, default=120)
     a = p.parse_args(argv)
-    me = _node_id(a.id, "--id")
+    me = a.id
     nbrs = {}
     for text in a.neighbour:
-        nid, sep, addr = text.partition("=")
-        if not sep:
-            raise SystemExit(f"overlay: bad --neighbour {text!r} (want ID=IP:PORT)")
-        n = _node_id(nid, "a --neighbour id")
-        if n == me:
-            raise SystemExit(f"overlay: node {me} cannot be its own neighbour")
+        n, where = _neighbour(text, me)
         if n in nbrs:
-            raise SystemExit(f"overlay: neighbour {n} given twice")
-        nbrs[n] = _addr(addr, "--neighbour address")
+            raise UsageError(f"neighbour {n} given twice")
+        nbrs[n] = where
     if len(nbrs) > wire.MAX_LSA_LINKS:
-        raise SystemExit(f"overlay: at most {wire.MAX_LSA_LINKS} neighbours")
+        raise UsageError(f"at most {wire.MAX_LSA_LINKS} neighbours")
     if a.cost not in COSTS:
-        raise SystemExit(f"overlay: --cost must be one of {', '.join(COSTS)}, got {a.cost!r}")
+        raise UsageError(f"--cost must be one of {', '.join(COSTS)}, got {a.cost!r}")
     if not 10 <= a.hello_ms <= 60000:
-        raise SystemExit(f"overlay: --hello-ms must be 10..60000, got {a.hello_ms:g}")
+        raise UsageError(f"--hello-ms must be 10..60000, got {a.hello_ms:g}")
     if not 1.5 <= a.dead_hellos <= 100:
-        raise SystemExit(f"overlay: --dead-hellos must be 1.5..100, got {a.dead_hellos:g}")
+        raise UsageError(f"--dead-hellos must be 1.5..100, got {a.dead_hellos:g}")
     if not 1 <= a.refresh_s <= 3600 or not 3 * a.refresh_s <= a.max_age_s <= 65535:
-        raise SystemExit("overlay: need 1 <= --refresh-s <= 3600 and "
+        raise UsageError("need 1 <= --refresh-s <= 3600 and "
                          "3 x refresh <= --max-age-s <= 65535")
     if len(a.control.encode()) > 107:
-        raise SystemExit(f"overlay: --control path too long for a UNIX socket: {a.control}")
+        raise UsageError(f"--control path too long for a UNIX socket: {a.control}")
     key = read_key(a.key_file)
-    return {"node_id": me, "listen": _addr(a.listen, "--listen"), "neighbours": nbrs,
+    return {"node_id": me, "listen": a.listen, "neighbours": nbrs,
             "key": key, "control": a.control, "hello_ms": a.hello_ms, "cost": a.cost,
             "dead_hellos": a.dead_hellos, "refresh_s": a.refresh_s,
             "max_age_s": a.max_age_s, "ready_file": a.ready_file}
 
 
-def main(argv=None) -> int:
-    try:
-        cfg = parse_args(argv)
-    except SystemExit as e:
-        if isinstance(e.code, str):
-            print(e.code, file=sys.stderr)
-            return 2
-        return int(e.code or 0)
+def serve(argv) -> int:
+    cfg = parse_args(argv)
     ready = cfg.pop("ready_file")
     try:
         d = Daemon(**cfg)
     except OSError as e:
         print(f"overlay: cannot set up sockets: {e}", file=sys.stderr)
         return 1
-
-    def stop(signum, frame):
-        raise Stop()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    d.loop.stop_on_signals()
     d.log(f"listening on {cfg['listen'][0]}:{cfg['listen'][1]}, control {cfg['control']}, "
           f"neighbours {sorted(cfg['neighbours'])}, cost {cfg['cost']}, "
           f"hello {cfg['hello_ms']:g} ms")
-    if ready:
-        write_atomic(ready, f"{os.getpid()}\n")
     profile_dir = os.environ.get("TESTBED_OVERLAY_PROFILE_DIR")
     prof = None
     if profile_dir:  # where the CPU goes: cProfile stats written at exit
@@ -1413,12 +1348,15 @@ def main(argv=None) -> int:
         prof = cProfile.Profile()
         prof.enable()
     try:
-        d.run()
-    except Stop:
-        d.goodbye()
+        with ready_file(ready, {"id": d.id, "control": cfg["control"]}):
+            d.run()
     finally:
         d.close()
         if prof is not None:
             prof.disable()
             prof.dump_stats(os.path.join(profile_dir, f"overlay-{d.id}.prof"))
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("overlay", serve, argv)

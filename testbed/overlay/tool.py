@@ -23,6 +23,9 @@ import struct
 import sys
 import time
 
+from testbed.daemon.args import ArgParser, int_in
+from testbed.daemon.files import ready_file
+from testbed.daemon.main import run_main
 from testbed.overlay import wire
 from testbed.overlay.client import LINKS, OverlayError, OverlayTimeout, connect
 
@@ -30,19 +33,20 @@ HEAD = struct.Struct("!IQ")
 
 
 def _dst(text: str) -> tuple:
+    """An argparse type: NODE:PORT -> (node, port)."""
     node, sep, port = text.partition(":")
     try:
         if sep:
             return int(node), int(port)
     except ValueError:
         pass
-    raise SystemExit(f"overlay tool: bad --dst {text!r} (want NODE:PORT)")
+    raise argparse.ArgumentTypeError(f"bad --dst {text!r} (want NODE:PORT)")
 
 
 def send(a) -> dict:
     c = connect(a.control)
     s = c.socket(a.port, reliable=not a.datagram, link=a.link, deadline_ms=a.deadline_ms)
-    dst = _dst(a.dst)
+    dst = a.dst
     filler = b"\0" * (a.size - HEAD.size)
     interval = a.size * 8 / (a.rate_kbit * 1000) if a.rate_kbit else 0.0
     t0 = time.monotonic()
@@ -74,9 +78,11 @@ def send(a) -> dict:
 def recv(a) -> dict:
     c = connect(a.control)
     s = c.socket(a.port, reliable=True, link="best_effort")  # receiving: any kind arrives
-    if a.ready_file:
-        with open(a.ready_file, "w") as f:
-            f.write("ready\n")
+    with ready_file(a.ready_file, {"node": s.node, "port": s.port}):
+        return _receive(a, s)
+
+
+def _receive(a, s) -> dict:
     out = open(a.out, "w") if a.out else None
     if out:
         out.write("seq,src,t_send,t_recv,delay_ms\n")
@@ -130,13 +136,13 @@ def recv(a) -> dict:
             "delay_ms_max": round(delays[-1], 3) if delays else None}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m testbed.overlay.tool")
+def _main(argv) -> int:
+    p = ArgParser("overlay tool", prog="python -m testbed.overlay.tool")
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("send")
     ps.add_argument("--control", required=True)
-    ps.add_argument("--dst", required=True)
-    ps.add_argument("--port", type=int, default=0)
+    ps.add_argument("--dst", required=True, type=_dst)
+    ps.add_argument("--port", type=int_in(0, 65535), default=0)
     ps.add_argument("--count", type=int)
     ps.add_argument("--seconds", type=float)
     ps.add_argument("--size", type=int, default=1000)
@@ -147,7 +153,7 @@ def main(argv=None) -> int:
     ps.add_argument("--wait-acked", type=float, default=0)
     pr = sub.add_parser("recv")
     pr.add_argument("--control", required=True)
-    pr.add_argument("--port", type=int, required=True)
+    pr.add_argument("--port", type=int_in(0, 65535), required=True)
     pr.add_argument("--count", type=int)
     pr.add_argument("--seconds", type=float)
     pr.add_argument("--idle", type=float, default=5.0, help="stop after this long silent")
@@ -168,6 +174,10 @@ def main(argv=None) -> int:
         return 1
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("overlay tool", _main, argv)
 
 
 if __name__ == "__main__":

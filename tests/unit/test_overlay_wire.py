@@ -524,3 +524,39 @@ def test_daemon_arguments_are_checked_before_anything(tmp_path, capsys):
     assert main(base) == 2
     assert "hex" in capsys.readouterr().err
     assert not (tmp_path / "sock").exists()  # nothing was created
+
+
+def test_daemon_process_ready_file_and_clean_stop(tmp_path):
+    """The daemon as a process: the ready file (JSON, its pid) appears once it serves;
+    SIGTERM ends it with status 0 and removes the ready file and the control socket."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from testbed.poll import wait_until
+
+    key = tmp_path / "key"
+    key.write_text(KEY.hex())
+    ready, ctl = tmp_path / "ready", tmp_path / "sock"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.Popen([sys.executable, "-m", "testbed.overlay", "--id", "1", "--listen",
+                          f"127.0.0.1:{port}", "--key-file", str(key), "--control", str(ctl),
+                          "--ready-file", str(ready), "--neighbour", "2=127.0.0.1:9"],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(ready.exists, 20, "overlay ready file",
+                   abort=lambda: p.poll() is not None and "the daemon exited")
+        info = json.loads(ready.read_text())
+        assert info["pid"] == p.pid and info["id"] == 1 and ctl.exists()
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(10) == 0
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
+    assert not ready.exists() and not ctl.exists()
