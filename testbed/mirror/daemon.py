@@ -48,14 +48,6 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # receiver ---------------------------------------------------------------------------------
 
 class Mirror:

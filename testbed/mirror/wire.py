@@ -24,6 +24,8 @@ import struct
 from dataclasses import dataclass
 from typing import Optional
 
+from testbed.daemon.io import PeerClosed, recv_exact
+
 MAGIC = b"MR"
 HEADER = struct.Struct("!2sBI")
 MAX_PAYLOAD = 64 << 20  # a block is at most 16 MiB; a hash list of 1M blocks fits
@@ -159,23 +161,19 @@ def decode(frame: bytes) -> Message:
     return decode_payload(mtype, frame[HEADER.size:])
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise WireError(f"stream truncated: connection closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 def recv(sock: socket.socket) -> Message:
-    magic, mtype, length = HEADER.unpack(_recv_exact(sock, HEADER.size))
-    if magic != MAGIC:
-        raise WireError(f"bad magic {magic!r}")
-    if length > MAX_PAYLOAD:
-        raise WireError(f"frame length {length} over the limit {MAX_PAYLOAD}")
-    return decode_payload(mtype, _recv_exact(sock, length))
+    """One whole frame from the stream; WireError "stream truncated: ..." if the peer
+    closes in the middle of one (or before it: "... after 0 of 7 bytes")."""
+    try:
+        magic, mtype, length = HEADER.unpack(recv_exact(sock, HEADER.size))
+        if magic != MAGIC:
+            raise WireError(f"bad magic {magic!r}")
+        if length > MAX_PAYLOAD:
+            raise WireError(f"frame length {length} over the limit {MAX_PAYLOAD}")
+        body = recv_exact(sock, length)
+    except PeerClosed as e:
+        raise WireError(f"stream truncated: {e}") from None
+    return decode_payload(mtype, body)
 
 
 def send(sock: socket.socket, msg: Message) -> int:

@@ -13,6 +13,7 @@ import pytest
 from testbed.mirror import daemon, volume, wire, workload
 from testbed.mirror.bucket import TokenBucket
 from testbed.mirror.wire import Message, WireError
+from testbed.poll import wait_until
 
 BS = 4096
 
@@ -60,6 +61,30 @@ def test_golden_block_and_hashes_roundtrip():
 def test_malformed_frames_refused(frame, err):
     with pytest.raises(WireError, match=err):
         wire.decode(frame)
+
+
+@pytest.mark.parametrize("sent, err", [
+    (b"", "stream truncated: connection closed after 0 of 7 bytes"),
+    (b"MR\x30", "stream truncated: connection closed after 3 of 7 bytes"),
+    (b"MR\x31\x00\x00\x00\x20" + b"x" * 5, "stream truncated: connection closed after 5 of 32"),
+    (b"XX\x01\x00\x00\x00\x00", "bad magic"),
+])
+def test_recv_from_a_stream_that_ends_or_lies(sent, err):
+    a, b = socket.socketpair()
+    with a, b:
+        b.sendall(sent)
+        b.close()
+        with pytest.raises(WireError, match=err):
+            wire.recv(a)
+
+
+def test_recv_a_frame_in_pieces():
+    a, b = socket.socketpair()
+    frame = wire.encode(Message(wire.DONE, (b"m" * 32,)))
+    with a, b:
+        for i in range(len(frame)):
+            b.send(frame[i:i + 1])
+        assert wire.recv(a).fields == (b"m" * 32,)
 
 
 def test_manifest_is_hash_of_block_hashes():
@@ -258,10 +283,7 @@ def test_concurrent_sync_refused(tmp_path, recv):
         daemon.sync(src, "127.0.0.1", port(recv), BS)
     assert sha(recv.mirror.path) == before
     s.close()  # the stalled session ends: the lock is released
-    for _ in range(200):
-        if recv.mirror.state == daemon.IDLE:
-            break
-        threading.Event().wait(0.01)
+    wait_until(lambda: recv.mirror.state == daemon.IDLE, 2, "the stalled session to end")
     daemon.sync(src, "127.0.0.1", port(recv), BS)
     assert sha(recv.mirror.path) == sha(src)
 
@@ -338,3 +360,48 @@ def test_workload_bad_input(tmp_path, call):
     with pytest.raises(workload.WorkloadError):
         call(p)
     assert open(p, "rb").read() == b"\0" * BS
+
+
+@pytest.mark.parametrize("argv, err", [
+    ([], "mirror: the following arguments are required: cmd"),
+    (["status", "--peer", "127.0.0.1", "--port", "0"], "mirror: argument --port: port must"),
+    (["sync", "--volume", "v"], "mirror: the following arguments are required: --peer"),
+    (["serve"], "mirror: the following arguments are required: --mirror"),
+])
+def test_cli_bad_arguments_one_line_exit_2(argv, err, capsys):
+    from testbed.mirror.__main__ import main
+
+    assert main(argv) == 2
+    out = capsys.readouterr().err
+    assert out.startswith(err) and out.count("\n") == 1
+
+
+def test_serve_stops_on_sigterm_with_exit_0(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a port free a moment ago
+        s.bind(("127.0.0.1", 0))
+        free = s.getsockname()[1]
+    mirror = str(tmp_path / "vol.img")
+    p = subprocess.Popen([sys.executable, "-m", "testbed.mirror", "serve", "--mirror", mirror,
+                          "--host", "127.0.0.1", "--port", str(free)],
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        def answers():
+            try:
+                return daemon.status("127.0.0.1", free, timeout=0.5)
+            except OSError:
+                assert p.poll() is None, p.stderr.read()
+                return None
+
+        assert wait_until(answers, 10, "the mirror daemon")["state"] == "idle"
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(10) == 0
+        assert "stopped" in p.stderr.read()
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+        p.stderr.close()
