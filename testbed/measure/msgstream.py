@@ -13,24 +13,19 @@ socket buffer counts as delay, as it does for an application.
 
 from __future__ import annotations
 
-import argparse
 import json
 import socket
 import struct
 import sys
 import time
 
+from testbed.daemon.args import ArgParser, port
+from testbed.daemon.files import ready_file
+from testbed.daemon.io import PeerClosed, recv_exact
+from testbed.daemon.loop import Stop, raise_stop_on_signals
+from testbed.daemon.main import run_main
+
 HEAD = struct.Struct("!IIQ")
-
-
-def _recv_exact(conn, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = conn.recv(n - len(buf))
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-    return bytes(buf)
 
 
 def recv(a) -> dict:
@@ -38,19 +33,21 @@ def recv(a) -> dict:
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("0.0.0.0", a.port))
     srv.listen(1)
-    if a.ready_file:
-        with open(a.ready_file, "w") as f:
-            f.write("ready\n")
-    conn, _peer = srv.accept()
+    with ready_file(a.ready_file, {"port": a.port}):
+        conn, _peer = srv.accept()
+        return _receive(a, srv, conn)
+
+
+def _receive(a, srv, conn) -> dict:
     out = open(a.out, "w") if a.out else None
     if out:
         out.write("seq,t_send,t_recv,delay_ms\n")
     n, last, in_order, delays = 0, -1, True, []
-    head = _recv_exact(conn, HEAD.size)
-    while len(head) == HEAD.size:
-        seq, size, t_send = HEAD.unpack(head)
-        rest = _recv_exact(conn, size - HEAD.size)
-        if len(rest) < size - HEAD.size:
+    while True:
+        try:  # EOF at a message boundary ends the stream; within one, drops its rest
+            seq, size, t_send = HEAD.unpack(recv_exact(conn, HEAD.size))
+            recv_exact(conn, max(0, size - HEAD.size))
+        except PeerClosed:
             break
         t_recv = time.time_ns()
         in_order &= seq == last + 1
@@ -60,7 +57,6 @@ def recv(a) -> dict:
         delays.append(d)
         if out:
             out.write(f"{seq},{t_send / 1e9:.6f},{t_recv / 1e9:.6f},{d:.3f}\n")
-        head = _recv_exact(conn, HEAD.size)
     if out:
         out.close()
     info = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, 16)
@@ -103,27 +99,35 @@ def send(a) -> dict:
     return {"sent": n, "cc": cc, "nodelay": bool(a.nodelay)}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m testbed.measure.msgstream")
+def _main(argv) -> int:
+    p = ArgParser("msgstream", prog="python -m testbed.measure.msgstream")
     sub = p.add_subparsers(dest="cmd", required=True)
     ps = sub.add_parser("send")
     ps.add_argument("--dst", required=True)
-    ps.add_argument("--port", type=int, required=True)
+    ps.add_argument("--port", type=port, required=True)
     ps.add_argument("--rate-kbit", type=float, required=True)
     ps.add_argument("--seconds", type=float, required=True)
     ps.add_argument("--size", type=int, default=1000)
     ps.add_argument("--cc")
     ps.add_argument("--nodelay", action="store_true")
     pr = sub.add_parser("recv")
-    pr.add_argument("--port", type=int, required=True)
+    pr.add_argument("--port", type=port, required=True)
     pr.add_argument("--out")
     pr.add_argument("--ready-file")
     a = p.parse_args(argv)
     if a.cmd == "send" and (a.size < HEAD.size or a.rate_kbit <= 0):
         p.error(f"--size must be >= {HEAD.size} and --rate-kbit > 0")
-    result = send(a) if a.cmd == "send" else recv(a)
+    raise_stop_on_signals()  # TERM/INT: leave cleanly (the ready file removed), status 0
+    try:
+        result = send(a) if a.cmd == "send" else recv(a)
+    except Stop:
+        return 0
     print(json.dumps(result), flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("msgstream", _main, argv)
 
 
 if __name__ == "__main__":

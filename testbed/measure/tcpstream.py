@@ -11,7 +11,6 @@ stream arrived whole and in order.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -19,7 +18,10 @@ import socket
 import sys
 import time
 
+from testbed.daemon.args import ArgParser, float_in, ipv4, port
 from testbed.daemon.files import write_json_atomic
+from testbed.daemon.loop import Stop, raise_stop_on_signals
+from testbed.daemon.main import run_main
 
 CHUNK = 16384
 
@@ -54,8 +56,9 @@ def recv(port: int, out: str) -> None:
         last = now
         h.update(data)
         total += len(data)
-    write_json_atomic(out, {"bytes": total, "sha256": h.hexdigest(), "peer": f"{peer[0]}:{peer[1]}",
-                 "max_gap_s": round(max_gap, 6), "reset": reset})
+    write_json_atomic(out, {"bytes": total, "sha256": h.hexdigest(),
+                            "peer": f"{peer[0]}:{peer[1]}", "max_gap_s": round(max_gap, 6),
+                            "reset": reset})
 
 
 def send(dst: str, port: int, rate_mbit: float, seconds: float, out: str) -> None:
@@ -84,7 +87,8 @@ def send(dst: str, port: int, rate_mbit: float, seconds: float, out: str) -> Non
     except (ConnectionResetError, BrokenPipeError):
         reset = True
     s.close()
-    write_json_atomic(out, {"bytes": sent, "sha256": h.hexdigest(), "local": local, "reset": reset})
+    write_json_atomic(out, {"bytes": sent, "sha256": h.hexdigest(), "local": local,
+                            "reset": reset})
 
 
 def stream(client, server, port: int = 5600, rate_mbit: float = 10.0, seconds: float = 3.0,
@@ -114,24 +118,32 @@ def stream(client, server, port: int = 5600, rate_mbit: float = 10.0, seconds: f
     return sent, got
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.measure.tcpstream")
+def _main(argv) -> int:
+    ap = ArgParser("tcpstream", prog="python -m testbed.measure.tcpstream")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("recv")
-    r.add_argument("--port", type=int, required=True)
+    r.add_argument("--port", type=port, required=True)
     r.add_argument("--out", required=True)
     s = sub.add_parser("send")
-    s.add_argument("--dst", required=True)
-    s.add_argument("--port", type=int, required=True)
-    s.add_argument("--rate-mbit", type=float, default=10.0)
-    s.add_argument("--seconds", type=float, default=5.0)
+    s.add_argument("--dst", type=ipv4, required=True)
+    s.add_argument("--port", type=port, required=True)
+    s.add_argument("--rate-mbit", type=float_in(1e-6, 1e6), default=10.0)
+    s.add_argument("--seconds", type=float_in(0, 1e6), default=5.0)
     s.add_argument("--out", required=True)
     a = ap.parse_args(argv)
-    if a.cmd == "recv":
-        recv(a.port, a.out)
-    else:
-        send(a.dst, a.port, a.rate_mbit, a.seconds, a.out)
+    raise_stop_on_signals()  # TERM/INT: leave cleanly, status 0
+    try:
+        if a.cmd == "recv":
+            recv(a.port, a.out)
+        else:
+            send(a.dst, a.port, a.rate_mbit, a.seconds, a.out)
+    except Stop:
+        pass
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("tcpstream", _main, argv)
 
 
 if __name__ == "__main__":

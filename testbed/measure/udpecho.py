@@ -12,8 +12,8 @@ t_send, t_recv (NaN if no reply), rtt_ms, responder.
 
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import math
 import os
 import select
@@ -22,6 +22,11 @@ import struct
 import sys
 import time
 from typing import Optional
+
+from testbed.daemon.args import ArgParser, float_in, ipv4, port
+from testbed.daemon.files import write_atomic
+from testbed.daemon.loop import Stop, raise_stop_on_signals
+from testbed.daemon.main import run_main
 
 HDR = struct.Struct("!Id")  # seq, client send time
 
@@ -78,41 +83,46 @@ def probe(dst: str, port: int, interval_ms: float, seconds: Optional[float], out
             if len(data) >= HDR.size:
                 q, _t = HDR.unpack_from(data)
                 recv.setdefault(q, (time.time(), data[HDR.size:].decode(errors="replace")))
-    with open(out + ".tmp", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["seq", "t_send", "t_recv", "rtt_ms", "responder"])
-        for q in range(seq):
-            t_recv, who = recv.get(q, (math.nan, ""))
-            w.writerow([q, f"{sent[q]:.6f}", f"{t_recv:.6f}",
-                        f"{(t_recv - sent[q]) * 1000:.3f}", who])
-    os.replace(out + ".tmp", out)
+    buf = io.StringIO(newline="")
+    w = csv.writer(buf)
+    w.writerow(["seq", "t_send", "t_recv", "rtt_ms", "responder"])
+    for q in range(seq):
+        t_recv, who = recv.get(q, (math.nan, ""))
+        w.writerow([q, f"{sent[q]:.6f}", f"{t_recv:.6f}",
+                    f"{(t_recv - sent[q]) * 1000:.3f}", who])
+    write_atomic(out, buf.getvalue())
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.measure.udpecho")
+def _main(argv) -> int:
+    ap = ArgParser("udpecho", prog="python -m testbed.measure.udpecho")
     sub = ap.add_subparsers(dest="mode", required=True)
     a = sub.add_parser("server")
-    a.add_argument("--port", type=int, required=True)
+    a.add_argument("--port", type=port, required=True)
     a.add_argument("--name", default=socket.gethostname())
-    a.add_argument("--bind", default="0.0.0.0")
+    a.add_argument("--bind", type=ipv4, default="0.0.0.0")
     b = sub.add_parser("client")
-    b.add_argument("--dst", required=True)
-    b.add_argument("--port", type=int, required=True)
-    b.add_argument("--interval-ms", type=float, default=10)
+    b.add_argument("--dst", type=ipv4, required=True)
+    b.add_argument("--port", type=port, required=True)
+    b.add_argument("--interval-ms", type=float_in(0.001, 3.6e6), default=10)
     until = b.add_mutually_exclusive_group(required=True)
     until.add_argument("--seconds", type=float)
     until.add_argument("--stop-file")
     b.add_argument("--out", required=True)
     args = ap.parse_args(argv)
+    raise_stop_on_signals()
     try:
         if args.mode == "server":
             serve(args.port, args.name, args.bind)
         else:
             probe(args.dst, args.port, args.interval_ms, args.seconds, args.out,
                   args.stop_file)
-    except KeyboardInterrupt:
+    except Stop:
         pass
     return 0
+
+
+def main(argv=None) -> int:
+    return run_main("udpecho", _main, argv)
 
 
 if __name__ == "__main__":
