@@ -31,8 +31,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, Optional
 
-from testbed.errors import CapabilityError, SpecError, TestbedError
-from testbed.process import TIMEOUT_SCALE
+from testbed import poll
+from testbed.errors import CapabilityError, SpecError
 
 FRR_BIN = os.environ.get("TESTBED_FRR_DIR", "/usr/lib/frr")
 FRR_USER = "frr"
@@ -275,22 +275,29 @@ def _prepare(router: Router) -> None:
 
 
 def _wait(routers: list, what: str, cond, timeout: float) -> None:
-    timeout *= TIMEOUT_SCALE
-    deadline = time.monotonic() + timeout
+    """Until cond(router) holds for every router: a TestbedError at once if a daemon of a
+    router still pending has exited, a WaitTimeout naming the first pending router."""
     pending = list(routers)
-    while pending:
-        pending = [r for r in pending if not cond(r)]
-        if not pending:
-            return
+
+    def done() -> bool:
+        pending[:] = [r for r in pending if not cond(r)]
+        return not pending
+
+    def died() -> Optional[str]:
         for r in pending:
             for d, p in r.procs.items():
                 if not p.alive:
-                    raise TestbedError(f"frr: {d} on {r.node.name} exited with {p.returncode}: "
-                                       f"{p.log(tail=3).strip() or '(empty log)'}")
-        if time.monotonic() > deadline:
-            raise TestbedError(f"frr: {what} on {pending[0].node.name} not ready after "
-                               f"{timeout:g} s (logs in {pending[0].node.net.log_dir})")
-        time.sleep(0.02)
+                    return (f"frr: {d} on {r.node.name} exited with {p.returncode}: "
+                            f"{p.log(tail=3).strip() or '(empty log)'}")
+        return None
+
+    try:
+        poll.wait_until(done, timeout, f"frr: {what}", interval=0.02, abort=died)
+    except poll.WaitTimeout:
+        r = pending[0]
+        raise poll.WaitTimeout(f"frr: {what} on {r.node.name} not ready after "
+                               f"{poll.scaled(timeout):g} s (logs in {r.node.net.log_dir})"
+                               ) from None
 
 
 def start(net, routers: Optional[Iterable[str]] = None, ospf: bool = True, bgp: bool = False,
@@ -401,21 +408,25 @@ def missing(net, routers: Optional[Iterable[str]] = None) -> list:
 
 
 def wait_converged(net, routers: Optional[Iterable[str]] = None, timeout: float = 30) -> float:
-    """Poll until missing() is empty; return the seconds it took (TestbedError on timeout,
-    with what is still missing). It reads the kernel tables, so a failure that leaves the
-    interfaces up (a wire that drops everything) looks converged until the protocol notices
-    it (the OSPF dead interval) and changes the routes: wait for the route you expect."""
+    """Poll until missing() is empty; return the seconds it took (on timeout a WaitTimeout,
+    a TestbedError, with what is still missing). It reads the kernel tables, so a failure
+    that leaves the interfaces up (a wire that drops everything) looks converged until the
+    protocol notices it (the OSPF dead interval) and changes the routes: wait for the route
+    you expect."""
     t0 = time.monotonic()
-    deadline = t0 + timeout * TIMEOUT_SCALE
-    while True:
-        left = missing(net, routers)
-        if not left:
-            return time.monotonic() - t0
-        if time.monotonic() > deadline:
-            more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
-            raise TestbedError(f"frr: not converged after {timeout * TIMEOUT_SCALE:g} s: "
-                               f"{left[0]}{more}")
-        time.sleep(0.02)
+    left: list = []
+
+    def converged() -> bool:
+        left[:] = missing(net, routers)
+        return not left
+
+    try:
+        poll.wait_until(converged, timeout, "frr: convergence", interval=0.02)
+    except poll.WaitTimeout:
+        more = f" (and {len(left) - 1} more)" if len(left) > 1 else ""
+        raise poll.WaitTimeout(f"frr: not converged after {poll.scaled(timeout):g} s: "
+                               f"{left[0]}{more}") from None
+    return time.monotonic() - t0
 
 
 __all__ = ["available", "start", "wait_converged", "missing", "render", "Options", "Router"]

@@ -140,3 +140,17 @@ def test_garp_both_and_bad_input():
                  (IP, MAC, "reply", 0, 0.1), (IP, MAC, "reply", 1, -1)]:
         with pytest.raises(SpecError):
             garp.check(*args)
+
+
+def test_wait_converged_polls_missing_and_names_what_is_left(monkeypatch):
+    from testbed.errors import TestbedError
+    from testbed.poll import WaitTimeout
+
+    answers = [["r1 -> 10.0.0.0/24: no route at r1"], []]
+    monkeypatch.setattr(frr, "missing", lambda net, routers=None: answers.pop(0))
+    assert 0 <= frr.wait_converged(None, timeout=5) < 5 and not answers
+    monkeypatch.setattr(frr, "missing", lambda net, routers=None: ["a: loop", "b: loop"])
+    with pytest.raises(WaitTimeout, match=r"^frr: not converged after [0-9.]+ s: a: loop "
+                                          r"\(and 1 more\)$") as e:
+        frr.wait_converged(None, timeout=0.05)
+    assert isinstance(e.value, TestbedError)
