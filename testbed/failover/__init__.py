@@ -11,12 +11,13 @@
         wk.leave("s3")                         # a voluntary leave (SIGTERM)
 
 Modules: wire (every message, HMAC and replay protection), membership (heartbeats, failure
-detection, view changes; `python -m testbed.failover.membership`), vip (allocation and the
-GATHER/RUN/BALANCE state machine), daemon (`python -m testbed.failover`: both in one
-process), keepalived (VRRP reference). hanet is paper 002's, separate.
+detection, view changes), vip (allocation and the GATHER/RUN/BALANCE state machine), daemon
+(`python -m testbed.failover`: both in one process; `--membership-only`: the membership
+alone), keepalived (VRRP reference). hanet is paper 002's, separate.
 
 Each daemon gets a JSON configuration, a status file (rewritten on every change) and a
-ready file in the run's log directory; the shared HMAC key goes to a 0600 file there.
+ready file in the run's log directory; the shared HMAC key goes to a 0600 file there, in hex
+(testbed.daemon.write_key).
 Member ids are 1..N in the order of `servers` (the membership order).
 """
 
@@ -25,14 +26,15 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
 import signal
 import sys
 import time
 from typing import Iterable, Optional
 
+from testbed.daemon import new_key, write_key
 from testbed.errors import SpecError, TestbedError
 from testbed.failover.membership import DEFAULT, TUNED, Timeouts, comparable
+from testbed.poll import WaitTimeout, wait_until
 
 DEFAULT_PORT = 8200
 GARP_MODES = ("broadcast", "unicast", "both")
@@ -116,10 +118,20 @@ def server_interface(net, server: str, subnet=None) -> str:
     raise SpecError(f"failover: {server} has no interface" + (f" on {subnet}" if subnet else ""))
 
 
+def ifindex(net, server: str, ifname: str) -> int:
+    """The kernel index of one of the server's interfaces (SpecError if it has none such)."""
+    from testbed.kernel import link as klink  # not at the top: the daemons import this package
+
+    idx = klink.indexes(net[server].ipr()).get(ifname)
+    if idx is None:
+        raise SpecError(f"{server} has no interface {ifname!r}")
+    return idx
+
+
 def held_vips(net, server: str, ifname: str, vips: list) -> list:
     """The VIPs among vips on the server's interface, from the kernel (in vips' order)."""
     n = net[server]
-    idx = n._ifindex(ifname)
+    idx = ifindex(net, server, ifname)
     found = {a.get_attr("IFA_ADDRESS") for a in n.ipr().get_addr(index=idx)}
     return [v for v in vips if v in found]
 
@@ -160,7 +172,7 @@ def set_interface(net, node: str, up: bool, ifname: Optional[str] = None) -> Non
 
     n = net[node]
     ifname = ifname or server_interface(net, node)
-    n._ifindex(ifname)
+    ifindex(net, node, ifname)
     klink.set_state(n.ipr(), ifname, up)
     if up:
         for r in net.plan.addressing.routes:
@@ -192,8 +204,8 @@ class Wackamole(VipHolders):
         return self.configs[self._check(server)]["path"]
 
     def argv(self, server: str) -> list:
-        mod = "testbed.failover.membership" if self.membership_only else "testbed.failover"
-        return [sys.executable, "-m", mod, self.config_path(server)]
+        only = ["--membership-only"] if self.membership_only else []
+        return [sys.executable, "-m", "testbed.failover", *only, self.config_path(server)]
 
     # lifecycle -----------------------------------------------------------------------------
     def start(self, *servers: str, timeout: float = 20.0) -> None:
@@ -317,25 +329,26 @@ class Wackamole(VipHolders):
         return True, ""
 
     def _oper_up(self, server: str) -> bool:
-        n = self.net[server]
-        idx = n._ifindex(self.devs[server])
-        ln = n.ipr().get_links(idx)[0]
+        idx = ifindex(self.net, server, self.devs[server])
+        ln = self.net[server].ipr().get_links(idx)[0]
         return ln.get_attr("IFLA_OPERSTATE") == "UP"
 
     def wait_stable(self, timeout: float = 30.0, groups=None, balanced: bool = False,
                     interval: float = 0.02) -> float:
         """Poll stable(); returns the seconds it took, raises TestbedError with the reason."""
-        from testbed.process import TIMEOUT_SCALE
-
         t0 = time.monotonic()
-        deadline = t0 + timeout * TIMEOUT_SCALE
-        while True:
+        why = ""
+
+        def done() -> bool:
+            nonlocal why
             ok, why = self.stable(groups, balanced)
-            if ok:
-                return time.monotonic() - t0
-            if time.monotonic() > deadline:
-                raise TestbedError(f"failover: not stable after {timeout:g} s: {why}")
-            time.sleep(interval)
+            return ok
+
+        try:
+            wait_until(done, timeout, "failover: stable", interval=interval)
+        except WaitTimeout:
+            raise TestbedError(f"failover: not stable after {timeout:g} s: {why}") from None
+        return time.monotonic() - t0
 
 
 def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = DEFAULT_PORT,
@@ -374,9 +387,7 @@ def start_wackamole(net, servers, vips, timeouts: Timeouts = TUNED, port: int = 
 
     os.makedirs(net.log_dir, exist_ok=True)
     key_file = os.path.join(net.log_dir, f"{name}.key")
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(key or secrets.token_bytes(32))
+    write_key(key_file, key or new_key())
     subnet = devs[servers[0]][1].network
     peers = {str(i + 1): str(devs[s][1].ip) for i, s in enumerate(servers)}
     frames = {}

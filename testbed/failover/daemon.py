@@ -1,7 +1,7 @@
 """The Wackamole daemon: membership + VIP manager in one process, one UDP socket, one loop.
 
-    python -m testbed.failover CONFIG.json                # membership and VIPs
-    python -m testbed.failover.membership CONFIG.json     # membership only
+    python -m testbed.failover CONFIG.json                     # membership and VIPs
+    python -m testbed.failover --membership-only CONFIG.json   # membership only
 
 One process rather than a membership daemon plus a VIP daemon (Spread + Wackamole in the
 paper): the VIP manager needs the view changes and its STATE messages on one authenticated
@@ -19,6 +19,8 @@ Runs inside the server's namespace (testbed.failover.start_wackamole starts it t
   neighbour MAC the members have shared (ARP-cache sharing);
 - a status file (JSON, replaced atomically) with the view, the VIPs held and the drop
   counters, rewritten at once on every change and every second for the counters;
+- the shared HMAC key from a hex key file, the ready file while it runs, the loop, signals
+  and one-line usage errors (exit 2) from the daemon runtime (testbed.daemon);
 - SIGTERM or SIGINT: a voluntary leave: drain (the representative moves our VIPs to the
   others, each with one hand-over message), release whatever is left, announce LEAVE,
   exit 0.
@@ -28,18 +30,18 @@ from __future__ import annotations
 
 import json
 import os
-import select
-import signal
 import socket
 import sys
 import time
 from collections import Counter
 from typing import Optional
 
+from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file, run_main,
+                            write_json_atomic)
+from testbed.daemon.datagrams import until_dry
 from testbed.failover import wire
 from testbed.failover.membership import Membership, Timeouts
 from testbed.failover.vip import Actuator, VipManager
-from testbed.daemon.files import write_atomic, write_json_atomic
 
 NUD_USABLE = 0x02 | 0x04 | 0x08 | 0x10 | 0x80  # reachable, stale, delay, probe, permanent
 EEXIST, EADDRNOTAVAIL = 17, 99
@@ -80,7 +82,7 @@ class KernelVips(Actuator):
         self.ipr = IPRoute()
         found = self.ipr.link_lookup(ifname=dev)
         if not found:
-            raise SystemExit(f"failover: no interface {dev!r} in this namespace")
+            raise UsageError(f"no interface {dev!r} in this namespace")
         self.idx = found[0]
         self.mac = self.ipr.get_links(self.idx)[0].get_attr("IFLA_ADDRESS")
         if frames is None or frames.get("mac") != self.mac:
@@ -158,8 +160,7 @@ class Daemon:
         self.peers = {int(k): v for k, v in cfg["peers"].items() if int(k) != self.me}
         self.port = int(cfg["port"])
         self.bcast = cfg.get("broadcast")
-        with open(cfg["key_file"], "rb") as f:
-            self.key = f.read()
+        self.key = read_key(cfg["key_file"])
         self.t = Timeouts(**cfg["timeouts"])
         self.inc = int(time.time() * 1e6)
         self.seq: Counter = Counter()  # dest (0: everyone) -> last sequence number
@@ -168,7 +169,6 @@ class Daemon:
         self.rx: Counter = Counter()
         self.tx: Counter = Counter()
         self.send_errors = 0
-        self.stop_requested = False
         self.status_path = cfg["status"]
         self._status_sig = None
         self.neighbours: dict = {}  # ip -> mac, own and shared
@@ -312,28 +312,29 @@ class Daemon:
         self.write_status(now, force=True, leaving=True)
 
     def run(self) -> None:
-        def on_signal(signum, frame):
-            self.stop_requested = True
+        """Serve until TERM or INT (the loop's wake-up fd ends the select at once), then
+        drain and leave."""
+        loop = Loop()
+        loop.add(self.sock, self.readable)
+        loop.stop_on_signals()
+        try:
+            with ready_file(self.cfg.get("ready")):
+                self.write_status(time.monotonic(), force=True)
+                log(f"member {self.me} ({self.name}) up: port {self.port}, "
+                    f"peers {sorted(self.peers)}, timeouts {self.t.as_dict()}, "
+                    f"{len(self.cfg.get('vips') or []) if self.vipm else 0} VIPs")
+                self.serve(loop)
+                self.leave()
+        finally:
+            loop.close()
 
-        # a signal writes to this pipe, so that select() returns at once (Python would
-        # otherwise resume the select after the handler, until the next timer is due)
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        ready = self.cfg.get("ready")
-        self.write_status(time.monotonic(), force=True)
-        if ready:
-            write_atomic(ready, f"{os.getpid()}\n")
-        log(f"member {self.me} ({self.name}) up: port {self.port}, peers {sorted(self.peers)}, "
-            f"timeouts {self.t.as_dict()}, "
-            f"{len(self.cfg.get('vips') or []) if self.vipm else 0} VIPs")
+    def serve(self, loop: Loop) -> None:
+        """The protocol's timers (tick() says when it is next due) around the loop's select;
+        after a stop signal, until the drain is done or its time is up."""
         drain_until = None
         while True:
             now = time.monotonic()
-            if self.stop_requested:
+            if loop.stopping:
                 if drain_until is None:
                     drain_s = min(1.0, self.t.discovery_s)
                     draining = self.vipm is not None and self.vipm.request_drain(now)
@@ -341,7 +342,7 @@ class Daemon:
                     if draining:
                         log(f"draining before the leave (at most {drain_s:g} s)")
                 if now >= drain_until or self.vipm is None or self.vipm.drained():
-                    break
+                    return
             nxt = [self.mem.tick(now), self.next_share, self.next_status]
             if drain_until is not None:
                 nxt.append(drain_until)
@@ -350,37 +351,31 @@ class Daemon:
             if now >= self.next_share:
                 self.share_arp(now)
             self.write_status(now)
-            timeout = max(0.0, min(nxt) - time.monotonic())
-            r, _, _ = select.select([self.sock, wake_r], [], [], timeout)
-            if wake_r in r:
-                try:
-                    os.read(wake_r, 512)
-                except BlockingIOError:
-                    pass
-            if self.sock not in r:
-                continue
-            while True:
-                try:
-                    data, _addr = self.sock.recvfrom(2048)
-                except (BlockingIOError, InterruptedError):
-                    break
-                self.receive(data, time.monotonic())
-        self.leave()
+            loop.run_once(max(0.0, min(nxt) - time.monotonic()))
+
+    def readable(self, mask: int) -> None:
+        for data, _addr in until_dry(lambda: self.sock.recvfrom(2048)):
+            self.receive(data, time.monotonic())
 
 
-def main(argv=None, membership_only: bool = False) -> int:
-    import argparse
+def main(argv=None) -> int:
+    return run_main("failover", _main, argv)
 
-    prog = "python -m testbed.failover" + (".membership" if membership_only else "")
-    ap = argparse.ArgumentParser(prog=prog, description="Wackamole-style membership and VIP "
-                                 "failover daemon (config: see testbed.failover)")
+
+def _main(argv) -> int:
+    ap = ArgParser("failover", prog="python -m testbed.failover",
+                   description="Wackamole-style membership and VIP failover daemon "
+                   "(config: see testbed.failover)")
     ap.add_argument("config", help="JSON configuration file")
     ap.add_argument("--membership-only", action="store_true",
                     help="run the group membership without managing VIPs")
     a = ap.parse_args(argv)
-    with open(a.config) as f:
-        cfg = json.load(f)
-    Daemon(cfg, membership_only or a.membership_only).run()
+    try:
+        with open(a.config) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"bad configuration {a.config}: {e}") from None
+    Daemon(cfg, a.membership_only).run()
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import Optional
 
 from testbed.errors import CapabilityError, SpecError, TestbedError
 from testbed.failover import VipHolders
+from testbed.poll import WaitTimeout, wait_until
 
 
 def binary() -> Optional[str]:
@@ -178,25 +179,30 @@ class Keepalived(VipHolders):
         the seconds it took."""
         import time
 
-        from testbed.process import TIMEOUT_SCALE
-
         t0 = time.monotonic()
-        deadline = t0 + timeout * TIMEOUT_SCALE
-        while True:
+        bad: dict = {}
+
+        def settled() -> bool:
+            nonlocal bad
             h = self.holders()
             bad = {v: hs for v, hs in h.items()
                    if (len(hs) != 1 if any_owner else hs != [self.expected_owner(v, up)])}
-            if not bad:
-                return time.monotonic() - t0
+            return not bad
+
+        def died() -> Optional[str]:
             for s in self.servers:
                 p = self.procs.get(s)
                 if p is not None and not p.alive:
-                    raise TestbedError(f"keepalived on {s} exited with {p.returncode}: "
-                                       f"{p.log(tail=3).strip()}")
-            if time.monotonic() > deadline:
-                raise TestbedError(f"keepalived: VIPs not settled after {timeout:g} s: {bad}")
-            time.sleep(0.02)
+                    return (f"keepalived on {s} exited with {p.returncode}: "
+                            f"{p.log(tail=3).strip()}")
+            return None
 
+        try:
+            wait_until(settled, timeout, "keepalived: VIPs settled", interval=0.02, abort=died)
+        except WaitTimeout:
+            raise TestbedError(f"keepalived: VIPs not settled after {timeout:g} s: {bad}") \
+                from None
+        return time.monotonic() - t0
 
 def start(net, servers, vips, advert_int: float = 1.0, unicast: bool = False,
           group: bool = False, vrid_base: int = 51, preempt: bool = True,

@@ -4,9 +4,10 @@ change protocol so that every member installs the same views in the same order.
 `Membership` is the protocol without I/O (the daemon in testbed.failover.daemon feeds it
 datagrams and the time; the unit tests feed it a simulated network). Run alone as
 
-    python -m testbed.failover.membership CONFIG.json
+    python -m testbed.failover --membership-only CONFIG.json
 
-(the daemon without VIP management: it installs views and writes its status file).
+(the daemon without VIP management: it installs views and writes its status file). This
+module imports nothing of the daemon: imports run daemon -> membership -> wire.
 
 Protocol
 - Every member sends a HEARTBEAT every `heartbeat_s`, carrying its installed view. A member
@@ -36,7 +37,6 @@ Protocol
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
 
@@ -355,12 +355,3 @@ class Membership:
         nxt += [t + self.grace_s for t in self.differs_since.values()]
         return min(t for t in nxt if t > now)  # the next time anything is due
 
-
-def main(argv=None) -> int:
-    from testbed.failover.daemon import main as daemon_main
-
-    return daemon_main(argv, membership_only=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

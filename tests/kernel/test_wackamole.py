@@ -21,6 +21,8 @@ import time
 
 import pytest
 
+from testbed import poll
+from testbed.daemon import read_key
 from testbed.errors import SpecError
 from testbed.failover import (Timeouts, keepalived, set_interface, start_wackamole, wire)
 from testbed.kernel import netns as kns
@@ -139,27 +141,37 @@ def test_random_failures_recoveries_and_partitions_keep_each_vip_owned_once(lan,
             net.link("sw1", "sw2").set(up=True)
             cut = False
         groups, router_side = components()
-        deadline = time.monotonic() + 20
-        while True:  # sample while the cluster reacts, until it is stable again
+        why = ""
+
+        def sampled_until_stable(groups=groups) -> bool:  # sample while the cluster reacts
+            nonlocal samples, why
             samples += at_most_once_per_view(wk) > 0
             ok, why = wk.stable(groups, balanced=True)  # balanced: no hand-over to come
-            if ok:
-                break
-            assert time.monotonic() < deadline, f"after {kind} ({groups}): {why}"
-            time.sleep(0.01)
+            return ok
+
+        try:
+            poll.wait_until(sampled_until_stable, 20, "stable", interval=0.01)
+        except poll.WaitTimeout:
+            pytest.fail(f"after {kind} ({groups}): {why}")
         holders = wk.holders()
         for g in groups:  # exactly once per component, on the servers
             for v in VIPS:
                 assert len([s for s in holders[v] if s in g]) == 1, (kind, g, v, holders)
         if router_side:  # and in the router's ARP table, for the router's component
             want = {v: next(s for s in holders[v] if s in router_side) for v in VIPS}
-            t_arp = time.monotonic() + 3
-            while (got := wk.arp_owners("r1", "r1-eth0")) != want:
-                assert time.monotonic() < t_arp, (
-                    f"r1's ARP table after {kind}: "
-                    f"{ {v: (got[v], want[v]) for v in VIPS if got[v] != want[v]} } "
-                    f"(VIP: (r1's entry, owner)); {net['r1'].neighbours('r1-eth0')}")
-                time.sleep(0.02)
+            got: dict = {}
+
+            def arp_as_wanted(want=want) -> bool:
+                nonlocal got
+                got = wk.arp_owners("r1", "r1-eth0")
+                return got == want
+
+            try:
+                poll.wait_until(arp_as_wanted, 3, "r1's ARP table", interval=0.02)
+            except poll.WaitTimeout:
+                pytest.fail(f"r1's ARP table after {kind}: "
+                            f"{ {v: (got[v], want[v]) for v in VIPS if got[v] != want[v]} } "
+                            f"(VIP: (r1's entry, owner)); {net['r1'].neighbours('r1-eth0')}")
     assert samples >= EVENTS  # the invariant was checked during every change
     assert kinds.get("fail", 0) and kinds.get("recover", 0) and kinds.get("partition", 0)
     for s in servers:
@@ -208,8 +220,7 @@ def test_forged_and_replayed_messages_are_ignored_and_counted(lan, wait_until):
     wk.wait_stable(10, groups=[["s1", "s2"], ["s3"]])
     set_interface(net, "s3", True)
     wk.wait_stable(10, balanced=True)
-    with open(wk.configs["s1"]["key_file"], "rb") as f:
-        key = f.read()
+    key = read_key(wk.configs["s1"]["key_file"])  # hex, as every daemon's key file
     wait_until(lambda: any(wire.decode(key, d)[0].type == wire.INSTALL for d in list(captured)),
                timeout=5, what="a captured INSTALL")
     types: dict = {}
