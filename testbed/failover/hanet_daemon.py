@@ -1,17 +1,6 @@
-"""The HANet daemon (paper 002; testbed.failover.hanet deploys it): a server address that
-survives the failure of the server's public NIC,
-by backing the NIC up with private server-to-server links and letting the sibling server
-carry the packets.
-
-    from testbed.failover import hanet
-    with Network(topologies.hanet.build()) as net:
-        h = hanet.start(net, service_ips={"s1": "10.20.0.11", "s2": "10.20.0.12"})
-        net.link("s1", "sw").set(up=False)            # s1's public NIC fails
-        h.wait_active("s1", "priv")                   # s1 now sends through s2
-        h.wait_serving("s2", "s1")
-        print(h.failovers("s1")[-1])                  # t_tick, Tsrv, Tmid, Tsib, ...
-        net.link("s1", "sw").set(up=True)
-        h.wait_active("s1", "pub")                    # failback
+"""The HANet daemon (paper 002): a server address that survives the failure of the server's
+public NIC, by backing the NIC up with private server-to-server links and letting the
+sibling server carry the packets. testbed.failover.hanet deploys it (and shows its use).
 
 One daemon per server, `python -m testbed.failover.hanet_daemon --config FILE`, does what the
 paper's kernel module does, in user space:
@@ -41,18 +30,18 @@ paper's kernel module does, in user space:
 Every phase is timestamped on the host's shared clock (events.jsonl in the log directory):
 the tick that detected the fault (t_tick), the request sent (Tsrv = t_sent - t_tick),
 received by the sibling (Tmid), the sibling's first gratuitous ARP sent (Tsib), the ACK
-back. The daemon's state is in a JSON status file, rewritten on every change.
+back. The daemon's state is in a JSON status file, rewritten on every change. Its loop
+(ticks, retries, queued gratuitous ARPs as timers), signals, ready file, key file (hex) and
+one-line usage errors come from the daemon runtime (testbed.daemon).
 """
 
 from __future__ import annotations
 
-import argparse
 import errno
 import fcntl
 import ipaddress
 import json
 import os
-import select
 import signal
 import socket
 import struct
@@ -61,9 +50,11 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Optional
 
+from testbed.daemon import (ArgParser, Loop, Stop, UsageError, raise_stop_on_signals, read_key,
+                            ready_file, run_main, write_json_atomic)
+from testbed.daemon.datagrams import until_dry
 from testbed.errors import SpecError
 from testbed.failover import hanet_wire as wire
-from testbed.daemon.files import write_atomic, write_json_atomic
 
 
 METHODS = ("carrier", "arp", "ping")
@@ -145,11 +136,9 @@ class Config:
 
 def check_ip(ip, what: str) -> str:
     try:
-        if ipaddress.ip_address(ip).version == 4:
-            return str(ip)
+        return str(ipaddress.IPv4Address(ip))
     except ValueError:
-        pass
-    raise SpecError(f"hanet: bad IPv4 address for {what}: {ip!r}")
+        raise SpecError(f"hanet: bad IPv4 address for {what}: {ip!r}") from None
 
 
 def _check_number(value, what: str, lo: float, hi: float, integer: bool = False):
@@ -302,13 +291,7 @@ class ArpMonitor(_Replies):
             pass  # interface down: no reply will come
 
     def readable(self, now: float) -> None:
-        while True:
-            try:
-                data = self.sock.recv(128)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+        for data in until_dry(lambda: self.sock.recv(128), quiet=True):
             # Ethernet 14 | htype ptype hlen plen op (8) | sha 6 | spa 4 | tha 6 | tpa 4
             if len(data) >= 42 and data[20:22] == b"\x00\x02" and data[28:32] == self.target:
                 self.last_reply = now
@@ -353,13 +336,7 @@ class PingList(_Replies):
                 pass
 
     def readable(self, now: float) -> None:
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(2048)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                return
+        for data, _addr in until_dry(lambda: self.sock.recvfrom(2048), quiet=True):
             ihl = (data[0] & 0x0F) * 4 if data else 0
             if len(data) < ihl + 8:
                 continue
@@ -462,10 +439,6 @@ class Netlink:
 
 # the daemon -----------------------------------------------------------------------------
 
-class Stop(Exception):
-    pass
-
-
 def _now_us() -> int:
     return int(time.time() * 1e6)
 
@@ -475,8 +448,7 @@ class Daemon:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
-        with open(cfg.key_file, "rb") as f:
-            self.key = bytes.fromhex(f.read().decode().strip())
+        self.key = read_key(cfg.key_file)
         self.tick_s = cfg.tick_ms / 1000.0
         self.started_us = _now_us()
         self.inc = self.started_us
@@ -492,7 +464,7 @@ class Daemon:
         self.active: Optional[str] = None
         self.pending: Optional[dict] = None  # the request awaiting its ACK
         self.serving: dict = {}  # peer name -> {via, link, ifname, req, since, ack}
-        self.garp_queue: list = []  # [(due, sock, frame)]
+        self.loop = Loop()  # the sockets; ticks, retries and queued GARPs as its timers
         self.saved_sysctls: dict = {}
         self.events = open(cfg.events_file, "a", buffering=1)
         self.dirty = True
@@ -560,10 +532,10 @@ class Daemon:
             for ip in (cfg.service_ip,) + tuple(p.service_ip for p in cfg.peers):
                 self.garp_frames[(s.ifname, ip)] = garp.frames(ip, mac, cfg.garp_kind)
         self.warm_up()
-        self.fd_map = {self.pta.fileno(): self.on_pta}
+        self.loop.add(self.pta, lambda mask: self.on_pta(time.monotonic()))
         for d in self.detectors.values():
             for sock in d.sockets():
-                self.fd_map[sock.fileno()] = d.readable
+                self.loop.add(sock, lambda mask, d=d: d.readable(time.monotonic()))
 
     def warm_up(self) -> None:
         """Run once every netlink request of a switch and a takeover on a documentation
@@ -714,8 +686,16 @@ class Daemon:
         now = time.monotonic()
         for k in range(1, self.cfg.garp_count):
             for f in frames:
-                self.garp_queue.append((now + k * self.cfg.garp_interval_ms / 1000, sock, f))
+                self.loop.at(now + k * self.cfg.garp_interval_ms / 1000,
+                             lambda now, sock=sock, f=f: self.send_queued_garp(sock, f))
         return sent_at
+
+    def send_queued_garp(self, sock: socket.socket, frame: bytes) -> None:
+        try:
+            sock.send(frame)
+            self.counters["garps"] += 1
+        except OSError:
+            pass
 
     # the requester --------------------------------------------------------------------
     def tick(self) -> None:
@@ -786,15 +766,18 @@ class Daemon:
                         "link": s.name, "dst": dst, "attempts": 1, "t_sent": t_sent,
                         "next": time.monotonic() + self.cfg.retry_ms / 1000,
                         "backoff": self.cfg.retry_ms / 1000}
+        self.loop.at(self.pending["next"], self.retry)
         self.dirty = True
 
-    def retry(self) -> None:
+    def retry(self, now: float) -> None:
+        """A timer: resend the pending request if it is (still) due, and re-arm."""
         p = self.pending
         if p is None or time.monotonic() < p["next"]:
-            return
+            return  # acknowledged, or a newer request with its own timer
         p["attempts"] += 1
         p["backoff"] = min(p["backoff"] * 2, 1.0)
         p["next"] = time.monotonic() + p["backoff"]
+        self.loop.at(p["next"], self.retry)
         self.send(p["body"], p["dst"])
 
     def on_ack(self, hdr, ack: wire.Ack) -> None:
@@ -811,11 +794,8 @@ class Daemon:
 
     # the responder --------------------------------------------------------------------
     def on_pta(self, now: float) -> None:
-        while True:
-            try:
-                data, anc, _flags, src = self.pta.recvmsg(256, socket.CMSG_SPACE(12))
-            except (BlockingIOError, InterruptedError):
-                return
+        for data, anc, _flags, src in until_dry(
+                lambda: self.pta.recvmsg(256, socket.CMSG_SPACE(12))):
             t_recv = time.time()
             ifindex = None
             for level, typ, val in anc:
@@ -915,66 +895,54 @@ class Daemon:
 
     # the loop -------------------------------------------------------------------------
     def run(self) -> None:
-        cfg = self.cfg
+        """Tick every tick_s on a fixed grid (an overrun skips to the next tick ahead) and
+        serve the sockets until TERM or INT; the status file after every round that changed
+        something, and at least every second."""
         mono0 = time.monotonic()
         self.tick_epoch_mono = mono0
         self.tick_epoch_wall = time.time() - (time.monotonic() - mono0)
-        k = 0
+        self.k = 0
+        loop = self.loop
+        loop.stop_on_signals()
         self.write_status()
-        write_atomic(cfg.ready_file, str(os.getpid()))
-        next_status = mono0 + 1.0
-        while True:
-            due = self.tick_epoch_mono + k * self.tick_s
-            now = time.monotonic()
-            if now >= due:
-                if now - due > self.tick_s:  # overran: skip to the next tick in the future
-                    self.counters["late_ticks"] += 1
-                    k = int((now - self.tick_epoch_mono) / self.tick_s) + 1
-                    continue
-                self.tick()
-                k += 1
-                continue
-            self.retry()
-            now = time.monotonic()
-            while self.garp_queue and self.garp_queue[0][0] <= now:
-                _, sock, frame = self.garp_queue.pop(0)
-                try:
-                    sock.send(frame)
-                    self.counters["garps"] += 1
-                except OSError:
-                    pass
-            if self.dirty or now >= next_status:
-                self.write_status()
-                next_status = now + 1.0
-            wake = [due]
-            if self.pending:
-                wake.append(self.pending["next"])
-            if self.garp_queue:
-                wake.append(self.garp_queue[0][0])
-            timeout = max(0.0, min(wake) - time.monotonic())
-            r, _, _ = select.select(list(self.fd_map), [], [], timeout)
-            now = time.monotonic()
-            for fd in r:
-                self.fd_map[fd](now)
+        with ready_file(self.cfg.ready_file):
+            loop.at(mono0, self.on_tick)
+            next_status = mono0 + 1.0
+            while not loop.stopping:
+                loop.run_once()
+                now = time.monotonic()
+                if self.dirty or now >= next_status:
+                    self.write_status()
+                    next_status = now + 1.0
+
+    def on_tick(self, now: float) -> None:
+        now = time.monotonic()
+        due = self.tick_epoch_mono + self.k * self.tick_s
+        if now - due > self.tick_s:  # overran: skip to the next tick in the future
+            self.counters["late_ticks"] += 1
+            self.k = int((now - self.tick_epoch_mono) / self.tick_s) + 1
+        else:
+            self.tick()
+            self.k += 1
+        self.loop.at(self.tick_epoch_mono + self.k * self.tick_s, self.on_tick)
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.failover.hanet_daemon",
-                                 description="HANet interface backup and sibling takeover")
+    return run_main("hanet", _main, argv)
+
+
+def _main(argv) -> int:
+    ap = ArgParser("hanet", prog="python -m testbed.failover.hanet_daemon",
+                   description="HANet interface backup and sibling takeover")
     ap.add_argument("--config", required=True, help="JSON configuration (see hanet.start)")
     a = ap.parse_args(argv)
     try:
         with open(a.config) as f:
             cfg = Config.from_dict(json.load(f))
     except (OSError, ValueError, TypeError, KeyError, SpecError) as e:
-        print(f"hanet: bad configuration {a.config}: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(f"bad configuration {a.config}: {e}") from None
 
-    def on_term(signum, frame):
-        raise Stop()
-
-    signal.signal(signal.SIGTERM, on_term)
-    signal.signal(signal.SIGINT, on_term)
+    raise_stop_on_signals()  # during set-up; the loop then stops at the end of a round
     if cfg.rt_priority:
         try:
             os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(cfg.rt_priority))
@@ -994,6 +962,7 @@ def main(argv=None) -> int:
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         d.cleanup()
+        d.loop.close()
     return 0
 
 

@@ -23,7 +23,6 @@ reopened).
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import math
@@ -35,14 +34,17 @@ import subprocess
 import sys
 import time
 
-from testbed.daemon.files import write_atomic
+from testbed.daemon import ArgParser, Stop, raise_stop_on_signals, run_main, write_atomic
+from testbed.daemon.args import port as port_arg
+from testbed.poll import wait_until
 
 # Surge (Barford and Crovella 1998): file sizes lognormal in the body, Pareto in the tail
 BODY_MU, BODY_SIGMA = 9.357, 1.318
 TAIL_K, TAIL_ALPHA, TAIL_P = 133_000, 1.1, 0.07
 CSV_HEADER = "user,t_start,t_end,bytes,status,error\n"
-# the processes run this file as a script: they import nothing of the testbed package (and
-# so start fast, and do not depend on the rest of testbed.failover importing)
+# the processes run this file as a script: they import nothing of the testbed package but
+# the daemon runtime and poll (and so start fast, and do not depend on the rest of
+# testbed.failover importing)
 SELF = os.path.abspath(__file__)
 
 
@@ -261,13 +263,11 @@ async def _user(uid: int, dst: str, port: int, picker: Picker, think_s: float, e
         writer.close()
 
 
-async def _load(a) -> list:
+GO_TIMEOUT_S = 600.0  # the harness writes the go file once every client is ready
+
+
+async def _load(a, start: float) -> list:
     rng = random.Random(a.seed)
-    print("ready", flush=True)
-    while not os.path.exists(a.go_file):
-        await asyncio.sleep(0.002)
-    with open(a.go_file) as f:
-        start = float(f.read().strip() or 0)
     await asyncio.sleep(max(0.0, start - time.time()))
     end = start + a.seconds
     rows: list = []
@@ -290,7 +290,12 @@ async def _load(a) -> list:
 
 
 def load_main(a) -> None:
-    rows = asyncio.run(_load(a))
+    print("ready", flush=True)
+    wait_until(lambda: os.path.exists(a.go_file), GO_TIMEOUT_S, f"go file {a.go_file}",
+               interval=0.002)
+    with open(a.go_file) as f:
+        start = float(f.read().strip() or 0)
+    rows = asyncio.run(_load(a, start))
     with open(a.out + ".tmp", "w") as f:
         f.write(CSV_HEADER)
         for r in rows:
@@ -456,14 +461,19 @@ def interruption_ms(df, t_fault: float, after_s: float = 0.25) -> float:
 # entry ------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.failover.hanet_web")
+    return run_main("hanet_web", _main, argv)
+
+
+def _main(argv) -> int:
+    ap = ArgParser("hanet_web", prog="python -m testbed.failover.hanet_web",
+                   description="the HANet experiment's HTTP server and load generator")
     sub = ap.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--root", required=True)
-    s.add_argument("--port", type=int, default=80)
+    s.add_argument("--port", type=port_arg, default=80)
     ld = sub.add_parser("load")
     ld.add_argument("--dst", required=True)
-    ld.add_argument("--port", type=int, default=80)
+    ld.add_argument("--port", type=port_arg, default=80)
     ld.add_argument("--users", type=int, required=True)
     ld.add_argument("--first-user", type=int, default=0)
     ld.add_argument("--seconds", type=float, required=True)
@@ -474,12 +484,13 @@ def main(argv=None) -> int:
     ld.add_argument("--go-file", required=True)
     ld.add_argument("--out", required=True)
     a = ap.parse_args(argv)
+    raise_stop_on_signals()
     try:
         if a.mode == "serve":
             serve(a.root, a.port)
         else:
             load_main(a)
-    except KeyboardInterrupt:
+    except Stop:
         pass
     return 0
 
