@@ -10,6 +10,7 @@ and incarnations are judged, stays each format's own.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 
 TAG_LEN = 16
 
@@ -20,6 +21,15 @@ class WireError(ValueError):
     def __init__(self, reason: str, detail: str = ""):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+
+
+def ip_to_int(ip: str) -> int:
+    """An IPv4 address as the 32-bit number a header field carries (ValueError if bad)."""
+    return int(ipaddress.IPv4Address(ip))
+
+
+def int_to_ip(n: int) -> str:
+    return str(ipaddress.IPv4Address(n))
 
 
 def tag(key: bytes, msg) -> bytes:

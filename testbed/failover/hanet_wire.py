@@ -38,11 +38,11 @@ Bodies (IPv4 addresses as u32, big-endian):
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass
 
-from testbed.sealed import TAG_LEN, ReplayWindow, WireError, check_size, tag, verify
+from testbed.sealed import (TAG_LEN, ReplayWindow, WireError, check_size, int_to_ip,
+                            ip_to_int, tag, verify)
 
 MAGIC = 0x484E
 VERSION = 1
@@ -68,14 +68,6 @@ MASK64 = 0xFFFFFFFFFFFFFFFF
 # why a message was dropped: every reason is a counter in the daemon's status
 DROP_REASONS = ("oversized", "truncated", "bad_magic", "bad_version", "bad_hmac",
                 "unknown_type", "malformed", "unknown_sender", "replay", "stale")
-
-
-def _ip_int(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip))
-
-
-def _ip_str(v: int) -> str:
-    return str(ipaddress.IPv4Address(v))
 
 
 @dataclass(frozen=True)
@@ -106,8 +98,8 @@ class Takeover:
         name = self.link.encode("ascii")
         if len(name) > MAX_NAME:
             raise ValueError(f"link name {self.link!r} is longer than {MAX_NAME} bytes")
-        return TAKEOVER_HEAD.pack(self.req & MASK32, _ip_int(self.service_ip),
-                                  _ip_int(self.via_ip), min(self.speed_kbit, MASK32),
+        return TAKEOVER_HEAD.pack(self.req & MASK32, ip_to_int(self.service_ip),
+                                  ip_to_int(self.via_ip), min(self.speed_kbit, MASK32),
                                   len(name)) + name
 
     @classmethod
@@ -122,7 +114,7 @@ class Takeover:
             link = name.decode("ascii")
         except UnicodeDecodeError:
             raise WireError("malformed", "takeover link name not ASCII") from None
-        return cls(req, _ip_str(sip), _ip_str(via), kbit, link)
+        return cls(req, int_to_ip(sip), int_to_ip(via), kbit, link)
 
 
 @dataclass(frozen=True)
@@ -132,14 +124,14 @@ class Release:
     service_ip: str
 
     def pack(self) -> bytes:
-        return RELEASE_BODY.pack(self.req & MASK32, _ip_int(self.service_ip))
+        return RELEASE_BODY.pack(self.req & MASK32, ip_to_int(self.service_ip))
 
     @classmethod
     def unpack(cls, body: bytes) -> "Release":
         if len(body) != RELEASE_BODY.size:
             raise WireError("malformed", "release size")
         req, sip = RELEASE_BODY.unpack(body)
-        return cls(req, _ip_str(sip))
+        return cls(req, int_to_ip(sip))
 
 
 @dataclass(frozen=True)

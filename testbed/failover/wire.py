@@ -48,12 +48,12 @@ Bodies (u16 ids, u32 IPv4 addresses, all big-endian):
 
 from __future__ import annotations
 
-import ipaddress
 import struct
 from dataclasses import dataclass
 from typing import Optional
 
-from testbed.sealed import TAG_LEN, ReplayWindow, WireError, check_size, tag, verify
+from testbed.sealed import (TAG_LEN, ReplayWindow, WireError, check_size, int_to_ip,
+                            ip_to_int, tag, verify)
 
 MAGIC = 0x574B
 VERSION = 1
@@ -89,14 +89,6 @@ SF_MATURE = 1
 DROP_REASONS = ("truncated", "oversized", "bad_magic", "bad_version", "bad_hmac",
                 "unknown_type", "unknown_sender", "misdirected", "stale", "replay",
                 "malformed")
-
-
-def ip2int(ip: str) -> int:
-    return int(ipaddress.IPv4Address(ip))
-
-
-def int2ip(n: int) -> str:
-    return str(ipaddress.IPv4Address(n))
 
 
 # messages ------------------------------------------------------------------------------------
@@ -211,7 +203,7 @@ class State:
     def pack(self) -> bytes:
         return STATE_HEAD.pack(self.vid, self.coord, self.inc, SF_MATURE if self.mature else 0,
                                min(self.prev_size, 255), len(self.held)) + b"".join(
-            U32.pack(ip2int(v)) for v in self.held)
+            U32.pack(ip_to_int(v)) for v in self.held)
 
 
 @dataclass(frozen=True)
@@ -230,7 +222,7 @@ class Balance:
     def pack(self) -> bytes:
         return TABLE_HEAD.pack(self.vid, self.coord, self.inc, self.bseq,
                                len(self.table)) + b"".join(
-            OWNED.pack(ip2int(v), o) for v, o in self.table)
+            OWNED.pack(ip_to_int(v), o) for v, o in self.table)
 
 
 @dataclass(frozen=True)
@@ -249,7 +241,7 @@ class Released:
     def pack(self) -> bytes:
         return TABLE_HEAD.pack(self.vid, self.coord, self.inc, self.bseq,
                                len(self.vips)) + b"".join(
-            U32.pack(ip2int(v)) for v in self.vips)
+            U32.pack(ip_to_int(v)) for v in self.vips)
 
 
 @dataclass(frozen=True)
@@ -259,7 +251,7 @@ class ArpShare:
 
     def pack(self) -> bytes:
         return COUNT.pack(len(self.entries)) + b"".join(
-            NEIGH.pack(ip2int(ip), bytes.fromhex(mac.replace(":", "")))
+            NEIGH.pack(ip_to_int(ip), bytes.fromhex(mac.replace(":", "")))
             for ip, mac in self.entries)
 
 
@@ -287,7 +279,7 @@ class Drain:
 def _ips(buf, off: int, n: int) -> tuple:
     if len(buf) != off + 4 * n:
         raise WireError("malformed", "address list length")
-    return tuple(int2ip(x) for x in struct.unpack_from(f"!{n}I", buf, off))
+    return tuple(int_to_ip(x) for x in struct.unpack_from(f"!{n}I", buf, off))
 
 
 def decode_body(mtype: int, body: bytes):
@@ -318,7 +310,7 @@ def decode_body(mtype: int, body: bytes):
                 return Released(vid, coord, bseq, _ips(body, off, n), inc)
             if len(body) != off + OWNED.size * n:
                 raise WireError("malformed", "balance length")
-            table = tuple((int2ip(ip), o) for ip, o in
+            table = tuple((int_to_ip(ip), o) for ip, o in
                           (OWNED.unpack_from(body, off + OWNED.size * i) for i in range(n)))
             return Balance(vid, coord, bseq, table, inc)
         if mtype == ARP_SHARE:
@@ -328,7 +320,7 @@ def decode_body(mtype: int, body: bytes):
             out = []
             for i in range(n):
                 ip, mac = NEIGH.unpack_from(body, COUNT.size + NEIGH.size * i)
-                out.append((int2ip(ip), mac.hex(":")))
+                out.append((int_to_ip(ip), mac.hex(":")))
             return ArpShare(tuple(out))
     except struct.error as e:
         raise WireError("malformed", str(e)) from None
