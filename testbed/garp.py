@@ -17,7 +17,6 @@ whatever namespace it runs in.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import re
 import socket
@@ -25,6 +24,7 @@ import sys
 import time
 from typing import Optional
 
+from testbed.daemon import ArgParser, UsageError, run_main
 from testbed.errors import SpecError
 
 KINDS = ("request", "reply", "both")
@@ -105,8 +105,11 @@ def send(ifname: str, ip: str, mac: Optional[str] = None, ns: Optional[str] = No
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.garp",
-                                 description="send gratuitous ARPs from this namespace")
+    return run_main("garp", _main, argv)
+
+
+def _main(argv) -> int:
+    ap = ArgParser("garp", description="send gratuitous ARPs from this namespace")
     ap.add_argument("ifname")
     ap.add_argument("ip")
     ap.add_argument("--mac", help="announced MAC (default: the interface's)")
@@ -118,8 +121,7 @@ def main(argv=None) -> int:
         n = send(a.ifname, a.ip, a.mac, count=a.count,
                  interval_s=a.interval, kind=a.kind)
     except SpecError as e:
-        print(f"garp: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from None
     print(f"sent {n} gratuitous ARP frame(s) for {a.ip} on {a.ifname}")
     return 0
 
