@@ -1,44 +1,39 @@
 """Remove what a killed run left behind: its processes and namespaces, by its ledger.
 
 Every run writes /run/testbed/<run-id>.json before it creates anything, listing the
-namespaces it will make (all named tb-<run-id>-*). `testbed cleanup` removes the runs whose
-owning process is gone; it never touches a namespace it cannot tie to a run id.
+namespaces it will make (all named tb-<run-id>-*; see testbed.ledger). `testbed cleanup`
+removes the runs whose owning process is gone; it never touches a namespace it cannot tie
+to a run id.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import signal
 
+from testbed import ledger
 from testbed.kernel import netns as kns
-from testbed.network import LEDGER_DIR, PREFIX, _kill_in
+from testbed.ledger import PREFIX, runs
+from testbed.poll import WaitTimeout, wait_until
 
 
-def proc_start_time(pid: int):
+def kill_in(namespaces: list, timeout: float = 5.0) -> None:
+    """KILL whatever still runs inside these namespaces (children that escaped their group),
+    until nothing does or timeout seconds (scaled by TESTBED_TIMEOUT_SCALE) have passed."""
+
+    def none_left() -> bool:
+        pids = kns.pids_in(namespaces)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return not pids
+
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def runs() -> list:
-    """Ledgers of runs, each with 'alive': is the owning process still running?"""
-    out = []
-    if not os.path.isdir(LEDGER_DIR):
-        return out
-    for f in sorted(os.listdir(LEDGER_DIR)):
-        if not f.endswith(".json"):
-            continue
-        try:
-            with open(os.path.join(LEDGER_DIR, f)) as fh:
-                led = json.load(fh)
-        except (OSError, json.JSONDecodeError):
-            continue
-        start = proc_start_time(led.get("pid", -1))
-        led["alive"] = start is not None and start == led.get("pid_start", start)
-        out.append(led)
-    return out
+        wait_until(none_left, timeout, "processes in the run's namespaces to die", interval=0.02)
+    except WaitTimeout:
+        pass  # deleting the namespaces follows; what still runs there is reported by it
 
 
 def unledgered() -> list:
@@ -52,12 +47,9 @@ def remove_run(run_id: str, namespaces=None) -> list:
     mine = f"{PREFIX}{run_id}-"
     names = sorted({n for n in (namespaces if namespaces is not None else kns.show(mine))
                     if n.startswith(mine) and kns.exists(n)})
-    _kill_in(names)
+    kill_in(names)
     kns.delete(names)
-    try:
-        os.unlink(os.path.join(LEDGER_DIR, f"{run_id}.json"))
-    except FileNotFoundError:
-        pass
+    ledger.remove(run_id)
     return names
 
 

@@ -1,8 +1,9 @@
 """Network: deploy a topology as real namespaces, links and processes; tear it all down.
 
 Order of deployment: ledger -> namespaces -> veths and bridges -> interface config,
-addresses, sysctls -> shaping -> delay-line wires -> routes. Teardown stops every process
-(TERM, wait, KILL, reap) and deletes the run's namespaces, which takes their interfaces
+addresses, sysctls -> shaping -> delay-line wires -> routes. Teardown stops what the
+network owns (`net.own(thing)`: what systems attach, newest first), then every process
+(TERM, wait, KILL, reap), and deletes the run's namespaces, which takes their interfaces
 and netfilter rules with them. Nothing is created in the root namespace except the
 namespaces' names themselves (/run/netns/tb-<run>-*), and the ledger that `testbed cleanup`
 reads if a run is SIGKILLed.
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import atexit
 import ipaddress
-import json
 import os
 import re
 import secrets
@@ -24,7 +24,8 @@ import zlib
 from contextlib import contextmanager
 from typing import Optional, Sequence, Union
 
-from testbed import capabilities, garp
+from testbed import capabilities, garp, ledger
+from testbed.cleanup import kill_in
 from testbed.errors import CapabilityError, CommandError, SpecError, TestbedError
 from testbed.garp import MAC_RE
 from testbed.kernel import bridge as kbridge
@@ -35,15 +36,15 @@ from testbed.kernel import netns as kns
 from testbed.kernel import qdisc as kqdisc
 from testbed.kernel import route as kroute
 from testbed.kernel import vlan as kvlan
+from testbed.ledger import PREFIX
+from testbed.poll import WaitTimeout, scaled, wait_until
 from testbed.process import Process, file_exists
 from testbed.run import batch, run
 from testbed.queueing import Queue
 from testbed.spec import LinkSpec, check_vlan
 from testbed.topology import Plan, Topology
 
-LEDGER_DIR = "/run/testbed"
 LOG_ROOT = os.environ.get("TESTBED_LOG_DIR", "/tmp/testbed-runs")
-PREFIX = "tb-"
 # Set in every node so results do not depend on what the root namespace happens to have
 # (new namespaces copy root's values): TCP autotuning up to 32 MB, which one flow needs at
 # 1 Gbit/s x 40 ms. A node's own sysctls (add_host(..., sysctls=)) override these.
@@ -55,10 +56,6 @@ NODE_SYSCTLS = {"net.ipv6.conf.all.disable_ipv6": 1, "net.ipv6.conf.default.disa
                 "net.ipv4.tcp_wmem": "4096 16384 33554432"}
 BACKENDS = ("auto", "netem", "delayline")
 VLAN_BACKENDS = ("auto",) + kvlan.BACKENDS
-
-
-def ledger_path(run_id: str) -> str:
-    return os.path.join(LEDGER_DIR, f"{run_id}.json")
 
 
 class Node:
@@ -129,14 +126,18 @@ class Node:
 
     # routing and sysctls ----------------------------------------------------------------
     def ipr(self):
+        """The node's pyroute2 IPRoute (a netlink socket inside its namespace), shared and
+        closed by the network at teardown: do not close it."""
         return self.net._ipr(self.ns)
 
-    def _ifindex(self, ifname: str) -> int:
+    def ifindex(self, ifname: str) -> int:
         """Kernel index of one of this node's interfaces (SpecError if it has no such one)."""
         idx = klink.indexes(self.ipr()).get(ifname)
         if idx is None:
             raise SpecError(f"{self.name} has no interface {ifname!r}")
         return idx
+
+    _ifindex = ifindex  # the old name, until experiments/hanet_failover.py uses ifindex()
 
     def _check_ip(self, ip: str, what: str = "address") -> str:
 
@@ -149,7 +150,7 @@ class Node:
 
     def mac(self, ifname: str) -> str:
         """The MAC address of one of this node's interfaces."""
-        idx = self._ifindex(ifname)
+        idx = self.ifindex(ifname)
         return self.ipr().get_links(idx)[0].get_attr("IFLA_ADDRESS")
 
     def add_route(self, dst: str, via: Optional[str] = None, dev: Optional[str] = None) -> None:
@@ -167,7 +168,7 @@ class Node:
         if via is not None:
             self._check_ip(via, "next hop")
         if dev is not None:
-            self._ifindex(dev)
+            self.ifindex(dev)
         kroute.replace(self.ipr(), dst, via, dev)
         self.net._routes.setdefault(self.name, {})[dst] = (
             via if dev is None else kroute.Nexthop(via, dev))
@@ -184,6 +185,17 @@ class Node:
     def routes(self, detail: bool = False) -> list:
         """[(dst, gateway)] of the main table; detail=True: dicts with dev, proto, metric."""
         return kroute.show(self.ipr(), detail)
+
+    def recorded_routes(self) -> dict:
+        """A copy of the routes the network puts back after a link flap: {dst: next hop}, the
+        next hop an address or a testbed.kernel.route.Nexthop(via, dev). The topology's and
+        those of add_route(), less those of del_route()."""
+        return dict(self.net._routes.get(self.name, {}))
+
+    def reinstall_routes(self, reachable_only: bool = False) -> None:
+        """Install the recorded routes again (what a link coming up does). reachable_only:
+        skip those whose next hop is behind a link that is down, rather than raise."""
+        self.net._install_routes(self.name, reachable_only)
 
     def sysctl(self, key: str, value) -> str:
         """Set a sysctl in this node's namespace; returns the old value."""
@@ -237,7 +249,7 @@ class Node:
         """Answer ARP requests on ifname for addresses this node routes out of another
         interface (needs IP forwarding: a router), at once rather than after the kernel's
         random proxy_delay. Recorded like set_sysctl(): restore_sysctls() undoes it."""
-        self._ifindex(ifname)
+        self.ifindex(ifname)
         keys = {f"net/ipv4/conf/{ifname}/proxy_arp": int(bool(on))}
         if on:
             keys[f"net/ipv4/neigh/{ifname}/proxy_delay"] = 0
@@ -251,25 +263,25 @@ class Node:
         self._check_ip(ip)
         if not MAC_RE.match(str(mac).lower()):
             raise SpecError(f"{self.name}: bad MAC address {mac!r}")
-        kneigh.add(self.ipr(), ip, str(mac).lower(), self._ifindex(ifname), permanent)
+        kneigh.add(self.ipr(), ip, str(mac).lower(), self.ifindex(ifname), permanent)
 
     def neigh_del(self, ip: str, ifname: str) -> bool:
         """Delete the entry for ip on ifname; False if there was none."""
 
         self._check_ip(ip)
-        return kneigh.delete(self.ipr(), ip, self._ifindex(ifname))
+        return kneigh.delete(self.ipr(), ip, self.ifindex(ifname))
 
     def neigh_flush(self, ifname: Optional[str] = None, permanent: bool = False) -> int:
         """Flush the dynamic neighbour entries of ifname (or of every interface); permanent
         ones too with permanent=True. Returns how many were removed."""
 
-        idx = None if ifname is None else self._ifindex(ifname)
+        idx = None if ifname is None else self.ifindex(ifname)
         return kneigh.flush(self.ipr(), idx, permanent)
 
     def neighbours(self, ifname: Optional[str] = None) -> list:
         """[{"ip", "mac", "dev", "state"}] of the ARP table (of ifname, or all)."""
 
-        idx = None if ifname is None else self._ifindex(ifname)
+        idx = None if ifname is None else self.ifindex(ifname)
         return kneigh.show(self.ipr(), idx)
 
     def garp(self, ip: str, ifname: str, count: int = 3, interval_s: float = 0.1,
@@ -277,7 +289,7 @@ class Node:
         """Send gratuitous ARPs (scapy-built; kind request, reply or both) announcing ip at
         ifname's MAC (or mac) from inside this node; returns the frames sent."""
 
-        self._ifindex(ifname)
+        self.ifindex(ifname)
         garp.check(ip, mac or "00:00:00:00:00:00", kind, count, interval_s)
         return garp.send(ifname, ip, mac, ns=self.ns, count=count, interval_s=interval_s,
                          kind=kind)
@@ -350,11 +362,11 @@ class Link:
 
     def _set_up(self, up: bool) -> None:
         for node, ifname in ((self.spec.a, self.spec.intf_a), (self.spec.b, self.spec.intf_b)):
-            klink.set_state(self.net._ipr(self.net[node].ns), ifname, up)
+            klink.set_state(self.net[node].ipr(), ifname, up)
         self.is_up = up
         if up:  # admin-down flushed the routes through these interfaces: put them back
             for node in (self.spec.a, self.spec.b):
-                self.net._install_routes(node, reachable_only=True)
+                self.net[node].reinstall_routes(reachable_only=True)
 
     def stats(self) -> dict:
         """Counters of the delay-line daemons (received, dropped_loss, released, held)."""
@@ -427,7 +439,8 @@ class Network:
         self.log_dir = log_dir or os.path.join(LOG_ROOT, self.run_id)
         self.seed = seed
         self.nodes: dict = {}
-        self.links: dict = {}
+        self.links: dict = {}  # LinkSpec.ends ((a, intf_a), (b, intf_b)) -> Link
+        self._owned: list = []  # [(thing, its stop callable)], in the order of own()
         self._iprs: dict = {}
         self._routes: dict = {}
         self._namespaces: list = []
@@ -455,13 +468,26 @@ class Network:
         except KeyError:
             raise SpecError(f"unknown node {name!r}") from None
 
-    def link(self, a: str, b: str) -> Link:
+    def link(self, a: str, b: str, intf: Optional[str] = None) -> Link:
+        """The link between nodes a and b (in either order). Where several (parallel links)
+        join them, intf names one of the interfaces of either end, e.g. intf="s1-priv"."""
         for n in (a, b):
             self[n]
-        try:
-            return self.links[frozenset((a, b))]
-        except KeyError:
-            raise SpecError(f"no link between {a} and {b}") from None
+        between = [ln for ln in self.links.values() if {ln.spec.a, ln.spec.b} == {a, b}]
+        if not between:
+            raise SpecError(f"no link between {a} and {b}")
+        if intf is None:
+            if len(between) > 1:
+                names = ", ".join(f"{ln.spec.intf_a}/{ln.spec.intf_b}" for ln in between)
+                raise SpecError(f"{len(between)} links between {a} and {b} ({names}): pick one "
+                                f"with net.link({a!r}, {b!r}, intf=...)")
+            return between[0]
+        for ln in between:
+            if intf in (ln.spec.intf_a, ln.spec.intf_b):
+                return ln
+        names = ", ".join(f"{ln.spec.intf_a}/{ln.spec.intf_b}" for ln in between)
+        raise SpecError(f"no link between {a} and {b} on interface {intf!r} (they have "
+                        f"{names})")
 
     def switch(self, name: str) -> "Switch":
         node = self[name]
@@ -469,16 +495,39 @@ class Network:
             raise SpecError(f"{name} is a {node.kind}, not a switch")
         return node
 
-    def add_tunnel(self, a: str, b: str, kind: str = "auto", **kw):
-        """A tunnel between nodes a and b at runtime (see testbed.tunnel.add_tunnel)."""
-        from testbed.tunnel import add_tunnel
+    # what systems attach ------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """True from start() until teardown has run."""
+        return self._started
 
-        return add_tunnel(self, a, b, kind=kind, **kw)
+    def own(self, thing, stop=None):
+        """Make the network own thing: at teardown, before the nodes' processes and the
+        wires are stopped, owned things are stopped, the last owned first (stop(), or
+        thing.stop() without it), however the network ends (the end of the with block, an
+        exception, SIGTERM/SIGHUP). A stop that raises is reported at the end of teardown,
+        which goes on. Returns thing; owning it again changes nothing."""
+        if stop is None:
+            stop = getattr(thing, "stop", None)
+        if not callable(stop):
+            raise SpecError(f"own({thing!r}): it has no stop() method; pass stop=a callable")
+        if not self._started:
+            raise TestbedError(f"own({thing!r}): the network is not running")
+        if not any(t is thing for t, _ in self._owned):
+            self._owned.append((thing, stop))
+        return thing
 
-    def tunnels(self) -> list:
-        from testbed.tunnel import tunnels
+    def owned(self, cls=None) -> list:
+        """What the network owns (instances of cls only, if given), in the order of own()."""
+        return [t for t, _ in self._owned if cls is None or isinstance(t, cls)]
 
-        return tunnels(self)
+    def disown(self, thing) -> bool:
+        """Stop owning thing (it will not be stopped at teardown); False if it was not owned."""
+        for i, (t, _) in enumerate(self._owned):
+            if t is thing:
+                del self._owned[i]
+                return True
+        return False
 
     def ns_name(self, node: str) -> str:
         return f"{self.prefix}{node}"
@@ -487,7 +536,13 @@ class Network:
     def backends(self) -> dict:
         """What emulated what, for env.json."""
         return {"delay": self.delay_backend, "rate": "htb", "vlan": self.vlan_backend,
-                "links": {f"{ln.spec.a}-{ln.spec.b}": ln.backend for ln in self.links.values()}}
+                "links": {self._link_label(ln.spec): ln.backend for ln in self.links.values()}}
+
+    def _link_label(self, spec: LinkSpec) -> str:
+        """'a-b', or 'a:intf_a-b:intf_b' for one of several parallel links."""
+        if len(self.plan.links_between(spec.a, spec.b)) > 1:
+            return f"{spec.a}:{spec.intf_a}-{spec.b}:{spec.intf_b}"
+        return f"{spec.a}-{spec.b}"
 
     # preflight ---------------------------------------------------------------------------
     def _preflight(self) -> None:
@@ -539,17 +594,7 @@ class Network:
 
     # ledger --------------------------------------------------------------------------------
     def _write_ledger(self) -> None:
-        os.makedirs(LEDGER_DIR, exist_ok=True)
-        from testbed.cleanup import proc_start_time
-
-        data = {"run_id": self.run_id, "pid": os.getpid(),
-                "pid_start": proc_start_time(os.getpid()), "started": time.time(),
-                "topology": self.plan.name, "namespaces": self._namespaces,
-                "pids": self._pids, "log_dir": self.log_dir}
-        tmp = ledger_path(self.run_id) + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, ledger_path(self.run_id))
+        ledger.write(self.run_id, self.plan.name, self._namespaces, self._pids, self.log_dir)
 
     def _record_pid(self, pid: int) -> None:
         with self._lock:
@@ -638,7 +683,7 @@ class Network:
         # links: shaping on the nodes' egress, or a wire with its delay lines
         for ln in plan.links:
             link = Link(self, ln, wires.get(ln))
-            self.links[ln.key] = link
+            self.links[ln.ends] = link
             if link.wire:
                 self._build_wire(link)
             for d in ("a_to_b", "b_to_a"):
@@ -689,17 +734,18 @@ class Network:
         drops everything: the first ARP of an experiment would be lost."""
         pending = {n.ns for n in self.nodes.values()}
         pending |= {ln.wire for ln in self.links.values() if ln.wire}
-        deadline = time.monotonic() + timeout
-        while pending:
+
+        def all_up() -> bool:
             for ns in list(pending):
                 if klink.all_up(self._ipr(ns)):
                     pending.discard(ns)
-            if not pending:
-                return
-            if time.monotonic() > deadline:
-                raise TestbedError(f"interfaces in {sorted(pending)[0]} not up after "
-                                   f"{timeout:g} s")
-            time.sleep(0.01)
+            return not pending
+
+        try:
+            wait_until(all_up, timeout, "interfaces up")
+        except WaitTimeout:
+            raise TestbedError(f"interfaces in {sorted(pending)[0]} not up after "
+                               f"{scaled(timeout):g} s") from None
 
     def _build_wire(self, link: Link) -> None:
         w = link.wire
@@ -756,6 +802,7 @@ class Network:
             signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
     def _teardown(self) -> None:
+        owned_errors = self._stop_owned()
         errors = []
         for node in self.nodes.values():
             try:
@@ -775,15 +822,12 @@ class Network:
                 pass
         self._iprs.clear()
         try:
-            _kill_in(self._namespaces)
+            kill_in(self._namespaces)
             kns.delete(self._namespaces)
         except Exception as e:
             errors.append(str(e))
         if not errors:  # keep the ledger if anything is left, for `testbed cleanup`
-            try:
-                os.unlink(ledger_path(self.run_id))
-            except FileNotFoundError:
-                pass
+            ledger.remove(self.run_id)
         try:
             os.rmdir(self.log_dir)  # only if empty: logs of processes are kept
         except OSError:
@@ -794,8 +838,25 @@ class Network:
             atexit.unregister(self.stop)
         except Exception:
             pass
+        errors = owned_errors + errors
         if errors:
             raise TestbedError("teardown: " + "; ".join(errors))
+
+    def _stop_owned(self) -> list:
+        """Stop what the network owns, the last owned first, while the nodes' processes
+        still run; the errors, for the end of teardown (which goes on: the namespaces take
+        whatever an owned thing failed to stop with them)."""
+        errors = []
+        while self._owned:
+            thing, stop = self._owned.pop()
+            try:
+                stop()
+            except Exception as e:
+                what = repr(thing)
+                if len(what) > 80:
+                    what = type(thing).__name__
+                errors.append(f"stopping {what}: {e}")
+        return errors
 
     def _install_signal_handlers(self) -> None:
         if threading.current_thread() is not threading.main_thread():
@@ -878,21 +939,6 @@ class Switch(Node):
         took = time.perf_counter() - t0
         self._access[ifname] = vid
         return took
-
-
-def _kill_in(namespaces: list) -> None:
-    """KILL whatever still runs inside these namespaces (children that escaped their group)."""
-    deadline = time.monotonic() + 5
-    while True:
-        pids = kns.pids_in(namespaces)
-        if not pids or time.monotonic() > deadline:
-            return
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        time.sleep(0.02)
 
 
 __all__ = ["Network", "Node", "Link", "Switch"]

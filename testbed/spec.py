@@ -199,7 +199,13 @@ class LinkSpec:
 
     @property
     def key(self) -> frozenset:
+        """The pair of nodes (parallel links between them share it)."""
         return frozenset((self.a, self.b))
+
+    @property
+    def ends(self) -> tuple:
+        """((a, intf_a), (b, intf_b)): unique to this link, parallel links included."""
+        return ((self.a, self.intf_a), (self.b, self.intf_b))
 
     @property
     def needs_delay(self) -> bool:

@@ -43,6 +43,18 @@ class Plan:
         """node's interface names, in link order."""
         return self._interfaces.get(node, [])
 
+    def links_between(self, a: str, b: str) -> tuple:
+        """The links joining nodes a and b (either way round), in link order: several for
+        parallel links (each with its own interfaces and subnet)."""
+        return tuple(ln for ln in self.links if {ln.a, ln.b} == {a, b})
+
+    def link_at(self, node: str, ifname: str):
+        """The link of node's interface ifname (SpecError if node has no such interface)."""
+        for ln in self.links:
+            if (node, ifname) in ln.ends:
+                return ln
+        raise SpecError(f"{node} has no interface {ifname!r}")
+
     # VLANs ---------------------------------------------------------------------------------
     def vlan_aware(self, switch: str) -> bool:
         """True if the switch separates VLANs (any VLAN but the default, or a trunk)."""

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from testbed import network as tbnet
+from testbed import ledger
 from testbed.errors import SpecError
 from testbed.errors import TestbedError as TBError  # not "Test*": pytest would collect it
 from testbed.network import Network
@@ -33,7 +33,7 @@ def pair() -> Topology:
 
 
 def ledger_file(rid: str) -> str:
-    return tbnet.ledger_path(rid)
+    return ledger.ledger_path(rid)
 
 
 def ping(node, ip: str) -> bool:
@@ -117,12 +117,21 @@ CHILD = textwrap.dedent("""
     from testbed.network import Network
     from testbed.topology import Topology
 
+    class Marker:  # something a system attached: it must be stopped, its process running
+        def __init__(self, path, proc):
+            self.path, self.proc = path, proc
+
+        def stop(self):
+            with open(self.path, "w") as f:
+                f.write("stopped, sleep alive" if self.proc.alive else "stopped, sleep dead")
+
     t = Topology("sig")
     t.add_host("h1")
     t.add_host("h2")
     t.add_link("h1", "h2")
     with Network(t, run_id=sys.argv[1]) as net:
         p = net["h1"].start(["sleep", "1000"])
+        net.own(Marker(sys.argv[2], p))
         print("ready", p.pid, flush=True)
         while True:
             signal.pause()
@@ -136,7 +145,9 @@ class Child:
         script = tmp_path / "child.py"
         script.write_text(CHILD.format(repo=REPO))
         self.rid = rid
-        self.proc = subprocess.Popen([sys.executable, str(script), rid], cwd=REPO,
+        self.marker = tmp_path / "owned.stopped"  # written by the owned thing's stop()
+        self.proc = subprocess.Popen([sys.executable, str(script), rid, str(self.marker)],
+                                     cwd=REPO,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         child_pids.add(self.proc.pid)
 
@@ -184,6 +195,8 @@ def test_signal_tears_down(sig, tmp_path, root_state, run_id, run_namespaces, ch
     # it exited because of the signal (KeyboardInterrupt re-raises SIGINT at exit; SIGTERM
     # becomes SystemExit(128 + 15)), not through some other path such as our KILL after a hang
     assert rc == {signal.SIGINT: -signal.SIGINT, signal.SIGTERM: 143, signal.SIGHUP: 129}[sig], err
+    # what the network owned was stopped, and before the nodes' processes
+    assert child.marker.read_text() == "stopped, sleep alive"
     assert run_namespaces(rid) == []
     assert not running(sleep_pid, "sleep 1000")
     assert not os.path.exists(ledger_file(rid))

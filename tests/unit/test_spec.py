@@ -193,5 +193,8 @@ def test_linkspec_helpers():
     ln = LinkSpec("a", "b", "a-eth0", "b-eth0")
     assert ln.other("a") == "b" and ln.other("b") == "a"
     assert ln.key == frozenset(("a", "b"))
+    assert ln.ends == (("a", "a-eth0"), ("b", "b-eth0"))
+    parallel = LinkSpec("a", "b", "a-eth1", "b-eth1")
+    assert parallel.key == ln.key and parallel.ends != ln.ends  # same nodes, own interfaces
     assert not ln.needs_delay
     assert LinkSpec("a", "b", "x", "y", emulate=True).needs_delay

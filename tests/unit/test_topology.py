@@ -170,6 +170,29 @@ def test_duplicate_interface_name():
         t.add_link("h1", "h3", intf_a="up0")
 
 
+def test_parallel_links_each_get_a_subnet():
+    """Two links between the same two nodes (own interfaces): first-class, not a clash."""
+    t = Topology()
+    t.add_host("h1")
+    t.add_host("h2")
+    t.add_host("h3")
+    one = t.add_link("h1", "h2")
+    two = t.add_link("h2", "h1", rate=10)  # either way round
+    other = t.add_link("h1", "h3")
+    p = t.plan()
+    assert (one.intf_a, one.intf_b, two.intf_a, two.intf_b) == (
+        "h1-eth0", "h2-eth0", "h2-eth1", "h1-eth1")
+    assert p.links_between("h1", "h2") == p.links_between("h2", "h1") == (one, two)
+    assert p.links_between("h1", "h3") == (other,)
+    assert p.links_between("h2", "h3") == ()
+    assert p.link_at("h1", "h1-eth1") is two and p.link_at("h2", "h2-eth0") is one
+    with pytest.raises(SpecError, match=r"^h1 has no interface 'h1-eth9'$"):
+        p.link_at("h1", "h1-eth9")
+    subnets = [p.address("h1", i).network for i in ("h1-eth0", "h1-eth1", "h1-eth2")]
+    assert len(set(subnets)) == 3
+    assert p.address("h2", "h2-eth1").network == p.address("h1", "h1-eth1").network
+
+
 def test_empty_topology():
     with pytest.raises(SpecError, match=r"topology 'empty' has no nodes"):
         Topology("empty").plan()
