@@ -12,36 +12,17 @@ carry the packets.
         net.link("s1", "sw").set(up=True)
         h.wait_active("s1", "pub")                    # failback
 
-One daemon per server, `python -m testbed.failover.hanet_daemon --config FILE`
-(testbed.failover.hanet_daemon; this module is the harness that deploys them), does what the
-paper's kernel module does, in user space:
-
-- Virtual communication interface (VCI). The service address is a /32 on `lo`, so it stays
-  local whatever happens to the NICs (an address on a NIC that goes down stops being local).
-  The active slave is expressed by routing: while a public slave is active the main table
-  routes the server's traffic out of it (the server answers ARP for its service address
-  there); while a private slave is active, a policy rule's table (`table`, empty otherwise)
-  sends everything but the private subnets via the sibling's address on that link, with the
-  service address as source.
-- Fault detector, every `tick_ms` (100 ms in the paper), per slave: `carrier` (interface
-  up and running: the MII link status of the bonding driver), `arp` (an ARP request to a
-  target each tick; bad after `missed_max` ticks without a reply: the bonding ARP monitor)
-  or `ping` (an ICMP echo to each host of a list each tick; bad after `missed_max` ticks
-  without any reply: the paper's host ping file).
-- Interface manager (`choose_active`): a public slave first, then the live slave with the
-  highest bandwidth; the current one is kept among equals.
-- Packet transmission agent (testbed.failover.hanet_wire): the requester sends TAKEOVER
-  (UDP, HMAC-authenticated, retried until acknowledged) over the newly active private link,
-  naming it; the responder on the sibling turns on IP forwarding, routes the server's
-  service address over that link, adds a proxy-ARP entry for it on its public interface
-  (proxy_delay 0) and sends gratuitous ARPs there. When the public link returns the server
-  drops its sibling routes, sends gratuitous ARPs itself and sends RELEASE; the sibling
-  undoes everything.
+The harness: one daemon per server (`python -m testbed.failover.hanet_daemon --config
+FILE`; how it works, the virtual interface, fault detector, interface manager and packet
+transmission agent, is in testbed.failover.hanet_daemon), started with its Config and owned
+by the network (`net.own`: stopped at teardown before the nodes' processes). A server's
+links to its sibling are parallel links: `link_of(net, "s1", "s1-usb")` picks one.
 
 Every phase is timestamped on the host's shared clock (events.jsonl in the log directory):
 the tick that detected the fault (t_tick), the request sent (Tsrv = t_sent - t_tick),
 received by the sibling (Tmid), the sibling's first gratuitous ARP sent (Tsib), the ACK
-back. The daemon's state is in a JSON status file, rewritten on every change.
+back (failovers()). The daemon's state is in a JSON status file (status()), rewritten on
+every change.
 """
 
 from __future__ import annotations
@@ -49,17 +30,17 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import secrets
 import sys
-import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Optional
 
+from testbed import daemon
+from testbed.daemon.keys import MIN_KEY_BYTES
 from testbed.errors import SpecError
 from testbed.failover.hanet_daemon import (  # noqa: F401  (the daemon's config, re-exported)
     DEFAULT_PORT, DEFAULT_TABLE, METHODS, UNSHAPED_MBIT, Config, Peer, Slave, check_ip,
     check_config, choose_active)
+from testbed.poll import wait_until
 
 
 # the harness: deploy daemons on a Network -----------------------------------------------
@@ -121,20 +102,15 @@ class HANet:
         return out
 
     def wait(self, cond, timeout: float = 5.0, what: str = "condition"):
-        from testbed.errors import TestbedError
-        from testbed.process import TIMEOUT_SCALE
-
-        deadline = time.monotonic() + timeout * TIMEOUT_SCALE
-        while True:
-            v = cond()
-            if v:
-                return v
+        """Poll cond() until true and return its value; TestbedError if a daemon exits,
+        WaitTimeout after timeout seconds (scaled by TESTBED_TIMEOUT_SCALE)."""
+        def died() -> Optional[str]:
             for name, p in self.procs.items():
                 if not p.alive:
-                    raise TestbedError(f"hanet daemon on {name} exited: {p.log(tail=3)}")
-            if time.monotonic() > deadline:
-                raise TestbedError(f"hanet: timed out after {timeout:g} s waiting for {what}")
-            time.sleep(0.005)
+                    return f"hanet daemon on {name} exited: {p.log(tail=3)}"
+            return None
+
+        return wait_until(cond, timeout, f"hanet: {what}", interval=0.005, abort=died)
 
     def wait_active(self, server: str, slave: Optional[str], timeout: float = 5.0) -> dict:
         """Until server's active slave is `slave` and no request is pending; its status."""
@@ -163,58 +139,14 @@ class HANet:
 
 
 def link_of(net, node: str, ifname: str):
-    """The Link of node's interface ifname, for set(up=...). Network.link(a, b) holds one
-    link per pair of nodes, and the servers have three parallel private links: for the
-    others this makes a Link object on the right spec (good for up/down, not for shaping
-    changes)."""
-    for ln in net.plan.links:
-        if (ln.a, ln.intf_a) == (node, ifname) or (ln.b, ln.intf_b) == (node, ifname):
-            known = net.links.get(ln.key)
-            if known is not None and known.spec is ln:
-                return known
-            extra = _EXTRA_LINKS.setdefault(net, {})
-            if ln not in extra:
-                extra[ln] = _ParallelLink(net, ln, None)
-            return extra[ln]
-    raise SpecError(f"hanet: {node} has no interface {ifname!r}")
-
-
-def _parallel_link_class():
-    from testbed.network import Link
-    from testbed.kernel import link as klink
-    from testbed.kernel import route as kroute
-
-    class ParallelLink(Link):
-        """A link Network.links does not hold. Up/down as Link, but on up it puts back only
-        the recorded routes whose next hop is on this link: Link reinstalls all of both
-        nodes' routes, which fails while another of their links is down."""
-
-        def _set_up(self, up: bool) -> None:
-            import ipaddress
-
-            spec = self.spec
-            for node, ifname in ((spec.a, spec.intf_a), (spec.b, spec.intf_b)):
-                klink.set_state(self.net._ipr(self.net[node].ns), ifname, up)
-            self.is_up = up
-            if not up:
-                return
-            addrs = self.net.plan.addressing.addresses
-            nets = [a.network for k, a in addrs.items()
-                    if k in ((spec.a, spec.intf_a), (spec.b, spec.intf_b))]
-            for node in (spec.a, spec.b):
-                for dst, via in self.net._routes.get(node, {}).items():
-                    hop = via.via if isinstance(via, kroute.Nexthop) else via
-                    if hop and any(ipaddress.ip_address(hop) in n for n in nets):
-                        kroute.replace(self.net._ipr(self.net[node].ns), dst, via)
-
-    return ParallelLink
-
-
-def _ParallelLink(net, spec, wire):
-    return _parallel_link_class()(net, spec, wire)
-
-
-_EXTRA_LINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+    """The Link of node's interface ifname, for set(up=...): the servers have parallel
+    links (public, and up to three private ones to the sibling), so the interface picks
+    one."""
+    try:
+        ln = net.plan.link_at(node, ifname)
+    except SpecError as e:
+        raise SpecError(f"hanet: {e}") from None
+    return net.link(ln.a, ln.b, intf=ifname)
 
 
 def _slaves_of(net, server: str, sibling: str, detect, targets: dict) -> tuple:
@@ -339,11 +271,12 @@ def start(net, service_ips: dict, ready_timeout: float = 20.0, key: Optional[byt
 
     configs = plan_configs(net, service_ips, **kw)
     key_file = next(iter(configs.values())).key_file
+    if key is not None and (not isinstance(key, (bytes, bytearray))
+                            or len(key) < MIN_KEY_BYTES):
+        raise SpecError(f"hanet: the key must be at least {MIN_KEY_BYTES} bytes")
     if not os.path.exists(key_file) or key is not None:
-        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write((key or secrets.token_bytes(32)).hex())
-    h = HANet(net, configs)
+        daemon.write_key(key_file, bytes(key or daemon.new_key()))
+    h = net.own(HANet(net, configs))  # its daemons stop first at teardown
     try:
         for s, cfg in configs.items():
             for path in (cfg.ready_file, cfg.status_file):
@@ -357,14 +290,14 @@ def start(net, service_ips: dict, ready_timeout: float = 20.0, key: Optional[byt
         for s, cfg in configs.items():
             h.procs[s].wait_ready(file_exists(cfg.ready_file), ready_timeout)
     except BaseException:
+        net.disown(h)
         h.stop()
         raise
     return h
 
 
 def read_key(h: HANet) -> bytes:
-    with open(next(iter(h.configs.values())).key_file) as f:
-        return bytes.fromhex(f.read().strip())
+    return daemon.read_key(next(iter(h.configs.values())).key_file)
 
 
 __all__ = ["start", "plan_configs", "link_of", "HANet", "Config", "Slave", "Peer", "choose_active",

@@ -26,19 +26,19 @@ overlays (on two ports) can share a network.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 import time
-import weakref
 from typing import Optional
 
+from testbed.daemon import new_key, write_key
+from testbed.daemon.keys import MIN_KEY_BYTES
 from testbed.errors import SpecError, TestbedError
 from testbed.overlay.client import OverlayError, OverlayTimeout, connect
 from testbed.overlay.linkstate import COSTS
+from testbed.poll import WaitTimeout, scaled, wait_until
 
 DEFAULT_PORT = 8100
-_running: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # net -> [Overlay]
 
 
 class Overlay:
@@ -242,18 +242,21 @@ class Overlay:
 
     def wait_converged(self, timeout: float = 10.0, interval: float = 0.02,
                        links_up: bool = True) -> float:
-        """Poll until converged(); returns the seconds it took. TestbedError on timeout."""
-        from testbed.process import TIMEOUT_SCALE
-
+        """Poll until converged(); returns the seconds it took. TestbedError on timeout
+        (after timeout seconds scaled by TESTBED_TIMEOUT_SCALE), saying what is wrong."""
         t0 = time.monotonic()
-        deadline = t0 + timeout * TIMEOUT_SCALE
-        while True:
-            why = self.converged(links_up)
-            if why is None:
-                return time.monotonic() - t0
-            if time.monotonic() > deadline:
-                raise TestbedError(f"overlay not converged after {timeout:g} s: {why}")
-            time.sleep(interval)
+        why = []
+
+        def done() -> bool:
+            why[:] = [self.converged(links_up)]
+            return why[0] is None
+
+        try:
+            wait_until(done, timeout, "overlay converged", interval=interval)
+        except WaitTimeout:
+            raise TestbedError(f"overlay not converged after {scaled(timeout):g} s: "
+                               f"{why[0]}") from None
+        return time.monotonic() - t0
 
 
 def start_overlay(net, nodes=None, links=None, key: Optional[bytes] = None,
@@ -315,25 +318,22 @@ def start_overlay(net, nodes=None, links=None, key: Optional[bytes] = None,
     if not isinstance(port, int) or not 0 < port < 65536:
         raise SpecError(f"port must be 1..65535, got {port!r}")
     if key is None:
-        key = secrets.token_bytes(32)
-    if not isinstance(key, (bytes, bytearray)) or len(key) < 16:
-        raise SpecError("the overlay key must be at least 16 bytes")
+        key = new_key()
+    if not isinstance(key, (bytes, bytearray)) or len(key) < MIN_KEY_BYTES:
+        raise SpecError(f"the overlay key must be at least {MIN_KEY_BYTES} bytes")
     for n in nodes:
         for other in [b if a == n else a for a, b in links if n in (a, b)]:
             net[other].ip_toward(net[n])  # raises if a node has no address
-    for other in _running.get(net, []):
+    for other in net.owned(Overlay):
         if other.port == port and any(other.alive(n) for n in other.ids):
             raise SpecError(f"an overlay already runs on port {port} in this network "
                             f"(close() it, or give another port=)")
     key_file = os.path.join(net.log_dir, f"overlay{port}.key")
     os.makedirs(net.log_dir, exist_ok=True)
-    fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(bytes(key).hex() + "\n")
+    write_key(key_file, bytes(key))
     ov = Overlay(net, ids, links, port, hello_ms, cost, dead_hellos, key_file)
     ov._launch(nodes, ready_timeout)
-    _running.setdefault(net, []).append(ov)
-    return ov
+    return net.own(ov, stop=ov.close)  # teardown closes its clients, TERMs its daemons
 
 
 __all__ = ["Overlay", "start_overlay", "connect", "OverlayError", "OverlayTimeout",

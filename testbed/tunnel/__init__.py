@@ -17,8 +17,9 @@ fragmentation: vxlan 50, gre 24 (28 with a key), ipip 20, udp 28 bytes.
 
 Everything is checked before anything is created (unknown node, a kind this kernel lacks,
 an inner address that clashes, no route between the underlay addresses...), and a failure
-half-way removes what was made. The network's teardown takes any tunnel left with the
-namespaces (kernel devices) and the nodes' processes (daemons).
+half-way removes what was made. The network owns each tunnel (`net.own`): its teardown
+removes any left, newest first, before it stops the nodes' processes and deletes the
+namespaces.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import sys
-import weakref
 from typing import Optional
 
 from testbed.errors import CapabilityError, SpecError, TestbedError
@@ -42,27 +42,11 @@ UDP_PORT = 4790
 MAX_VNI = 2**24 - 1
 
 
-class _State:
-    def __init__(self) -> None:
-        self.tunnels: list = []
-        self.count = 0
-
-
-_nets: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-def _state(net) -> _State:
-    st = _nets.get(net)
-    if st is None:
-        st = _nets[net] = _State()
-    return st
-
-
 def tunnels(net) -> list:
     """The tunnels of net that exist now (added and not removed, network running)."""
-    if not getattr(net, "_started", False):
+    if not net.running:
         return []
-    return [t for t in _state(net).tunnels if not t.removed]
+    return [t for t in net.owned(Tunnel) if not t.removed]
 
 
 def overhead(kind: str, key: Optional[int] = None) -> int:
@@ -157,7 +141,7 @@ class Tunnel:
         if self.removed:
             return
         self.removed = True
-        if not getattr(self.net, "_started", False):
+        if not self.net.running:
             return
         errors = []
         for node, proc in list(self.procs.items()):
@@ -185,14 +169,14 @@ def _name(node) -> str:
 
 def _live_addresses(net, node: str) -> list:
     """IPv4Interfaces configured on node right now."""
-    ipr = net._ipr(net[node].ns)
+    ipr = net[node].ipr()
     return [ipaddress.IPv4Interface(f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}")
             for a in ipr.get_addr(family=2)]
 
 
 def _route_mtu(net, node: str, dst: str, where: str) -> int:
     """The MTU of the interface node uses toward dst; raise if node has no route there."""
-    ipr = net._ipr(net[node].ns)
+    ipr = net[node].ipr()
     try:
         route = ipr.route("get", dst=dst)[0]
     except Exception as e:
@@ -239,7 +223,7 @@ def add_tunnel(net, a, b, kind: str = "auto", inner_a=None, inner_b=None,
     (udp: TSO through the tunnel, both ends). Raises SpecError/CapabilityError/TestbedError
     before creating anything; removes what it made if a later step fails."""
     a, b = _name(a), _name(b)
-    if not getattr(net, "_started", False):
+    if not net.running:
         raise TestbedError("the network is not running (use add_tunnel inside `with Network`)")
     where = f"tunnel {a}-{b}"
     na, nb = net[a], net[b]  # SpecError("unknown node 'x'")
@@ -272,7 +256,6 @@ def add_tunnel(net, a, b, kind: str = "auto", inner_a=None, inner_b=None,
     if port is not None:
         port = _int_in(port, 1, 65535, "port", where)
 
-    st = _state(net)
     live = tunnels(net)
     on_ends = [t for t in live if {t.a, t.b} & {a, b}]
 
@@ -330,7 +313,7 @@ def add_tunnel(net, a, b, kind: str = "auto", inner_a=None, inner_b=None,
 
     # identifiers: device name, VNI, ports
     if name is None:  # the first free t<kind><n> on both ends
-        n = st.count
+        n = len(net.owned(Tunnel))  # every tunnel added, removed ones too
         while any(ktunnel.exists(net[x].ns, f"t{kind}{n}") for x in (a, b)):
             n += 1
         name = f"t{kind}{n}"
@@ -374,9 +357,9 @@ def add_tunnel(net, a, b, kind: str = "auto", inner_a=None, inner_b=None,
         except TestbedError:
             pass  # the first error is the one to report
         raise
-    st.count += 1
-    st.tunnels.append(t)
-    return t
+    # owned until teardown even once removed (remove() again is a no-op), so that the
+    # count of tunnels ever added, which names the next one, stays as it was
+    return net.own(t, stop=t.remove)
 
 
 def _free_inner(taken: dict, where: str) -> tuple:
