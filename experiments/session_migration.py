@@ -48,7 +48,7 @@ def session(ctx, label: str, bod: bool, image_mb: float, buffer_s: float, migrat
                  f"buffer {buffer_s:g} s")
     with Network(gmpls_dr.build(public_mbit=PUBLIC_MBIT, bod_mbit=BOD_MBIT)) as net:
         ctx.note_network(net)
-        mc = MigrationController(net, rate_mbit=RATE_MBIT, seconds=3600, burst_s=buffer_s,
+        mc = MigrationController(net, gmpls_dr, rate_mbit=RATE_MBIT, seconds=3600, burst_s=buffer_s,
                                  image_mb=image_mb, buffer_s=buffer_s, bod_mbit=BOD_MBIT)
         mc.setup()
         mc.wait_offset(int(buffer_s * RATE_MBIT * 1e6 / 8))  # the player's buffer is full

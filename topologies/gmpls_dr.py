@@ -10,7 +10,8 @@ it). The servers reach each other over a public_mbit public path and over a band
 demand path through a layer-2 switch l2sw whose two ports sit in parking VLANs 11 and 12
 (nothing passes) until the controller configures the migration VLAN 10 (step 3) and brings
 the path up at bod_mbit (step 2; the links are taken down once the network is up, see
-testbed.migration.controller).
+testbed.migration.controller). The caller passes this module to MigrationController, which
+reads SERVICE_IP, SERVICE_MAC, PUBLIC, BOD and the VLAN numbers from it.
 """
 
 from testbed import SpecError, Topology

@@ -5,9 +5,10 @@
                       pe_a ==(WAN core: wan_mbit, wan_delay_ms one way)== pe_b
 
 The virtual server's address VS_IP (a /32, not in any link's subnet) starts at A: the
-ingress PE routes it to pe_a, pe_a to vs_a (see testbed.migration.wan.install_vs). The
-migration moves it to vs_b; pe_a's /32 goes onto a tunnel PE_a -> PE_b (local switchover),
-then the ingress PE routes it straight to pe_b (signal 3). Links with a delay get a wire
+ingress PE routes it to pe_a, pe_a to vs_a (testbed.migration.wan.WanMigration.setup, to
+which the caller passes VS_IP). The migration moves it to vs_b; pe_a's /32 goes onto a
+tunnel PE_a -> PE_b (local switchover), then the ingress PE routes it straight to pe_b
+(signal 3). Links with a delay get a wire
 namespace (delay line) where the kernel lacks netem. Routers do not filter on the reverse
 path (the tunnel phase is asymmetric: requests through pe_a and the tunnel, replies from
 pe_b straight to the ingress).

@@ -1,7 +1,7 @@
 """Paper 001's migration controller (the MCS): the 11 steps of Table 1 on a gmpls_dr network.
 
     with Network(gmpls_dr.build()) as net:
-        mc = MigrationController(net, image_mb=40)
+        mc = MigrationController(net, gmpls_dr, image_mb=40)
         mc.setup()                      # sites' agents, the streamer on main, the player
         steps = mc.migrate(bod=True)    # main -> backup, 11 timestamped steps
         report = mc.finish()            # stream end: hashes, stalls, FIN/RST capture
@@ -15,6 +15,9 @@ gateway to the target's VLAN; 8 resume (the target rebuilds the socket and strea
 skipped (as in the paper). Network steps are the controller's own netlink requests (the
 paper's CP devices, L2SW and NAGW); process and address steps are commands to the agents
 and streamers inside the site namespaces.
+
+The controller knows the network's addresses and VLANs from the topology module the caller
+passes (topologies.gmpls_dr: see Layout); the library never imports topologies/.
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import os
 import re
 import sys
 import time
+from dataclasses import dataclass
 
 from testbed.errors import SpecError, TestbedError
 from testbed.measure.tcpstream import _pattern
 from testbed.migration import control
+from testbed.poll import wait_until
 from testbed.process import log_matches
 
 STEPS = {1: "start", 2: "reserve bandwidth (BoD)", 3: "configure migration VLAN",
@@ -37,6 +42,33 @@ STEPS = {1: "start", 2: "reserve bandwidth (BoD)", 3: "configure migration VLAN"
          11: "report"}
 BOD_ONLY = (2, 3, 9, 10)
 SITES = ("main", "backup")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the controller needs to know of the DR network, from the module that built it
+    (Layout.of(topologies.gmpls_dr)): addresses as "a.b.c.d/len", pairs as (main, backup)."""
+    service_ip: str       # the virtual IP, on main's service port at first
+    service_mac: str      # given to both sites' service ports
+    public: tuple         # the sites' addresses on the public path
+    bod: tuple            # and on the BoD path
+    vlan_main: int        # the access gateway's VLAN of each site (step 7)
+    vlan_backup: int
+    vlan_migration: int   # l2sw: the VLAN that joins the BoD ports (step 3)
+    park_main: int        # and the parking VLANs that keep them apart (step 10)
+    park_backup: int
+
+    NAMES = ("SERVICE_IP", "SERVICE_MAC", "PUBLIC", "BOD", "VLAN_MAIN", "VLAN_BACKUP",
+             "VLAN_MIGRATION", "PARK_MAIN", "PARK_BACKUP")
+
+    @classmethod
+    def of(cls, topology) -> "Layout":
+        """From a topology module's constants (SERVICE_IP, ..., PARK_BACKUP: NAMES)."""
+        missing = [n for n in cls.NAMES if not hasattr(topology, n)]
+        if missing:
+            raise SpecError(f"migration: the topology {getattr(topology, '__name__', topology)}"
+                            f" lacks {missing[0]} (use topologies.gmpls_dr)")
+        return cls(*(getattr(topology, n) for n in cls.NAMES))
 
 
 class MigrationFailed(TestbedError):
@@ -55,12 +87,11 @@ def _stream_hash(n: int) -> str:
 
 
 class MigrationController:
-    def __init__(self, net, port: int = 9200, mport: int = 9300, rate_mbit: float = 2.0,
-                 seconds: float = 60.0, burst_s: float = 30.0, image_mb: float = 40.0,
-                 buffer_s: float = 30.0, bod_mbit: float = 1000.0, capture: bool = True,
-                 dirty_mbps: float = 0.0):
-        from topologies import gmpls_dr  # noqa: F401  (checked: the network must be one)
-
+    def __init__(self, net, topology, port: int = 9200, mport: int = 9300,
+                 rate_mbit: float = 2.0, seconds: float = 60.0, burst_s: float = 30.0,
+                 image_mb: float = 40.0, buffer_s: float = 30.0, bod_mbit: float = 1000.0,
+                 capture: bool = True, dirty_mbps: float = 0.0):
+        """net: a network built by topology (the module, topologies.gmpls_dr, or a Layout)."""
         for name, v in (("rate_mbit", rate_mbit), ("seconds", seconds), ("image_mb", image_mb),
                         ("buffer_s", buffer_s), ("bod_mbit", bod_mbit)):
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
@@ -70,6 +101,7 @@ class MigrationController:
         if isinstance(dirty_mbps, bool) or not isinstance(dirty_mbps, (int, float)) \
                 or dirty_mbps < 0:
             raise SpecError(f"migration: dirty_mbps must be >= 0, got {dirty_mbps!r}")
+        self.layout = topology if isinstance(topology, Layout) else Layout.of(topology)
         self.dirty_mbps = dirty_mbps
         missing = [n for n in ("user", "agw", "l2sw") + SITES if n not in net.nodes]
         if missing:
@@ -92,9 +124,7 @@ class MigrationController:
 
     @property
     def service_ip(self) -> str:
-        from topologies.gmpls_dr import SERVICE_IP
-
-        return SERVICE_IP
+        return self.layout.service_ip
 
     def _bod_links(self) -> list:
         return [self.net.link(s, "l2sw") for s in SITES]
@@ -102,12 +132,11 @@ class MigrationController:
     def setup(self) -> None:
         """Step 0: same MAC on both sites' service ports, the BoD path down, agents on both
         sites, the streamer on main, tcpdump and the player on the user."""
-        from topologies.gmpls_dr import SERVICE_MAC
-
         me = [sys.executable, "-m"]
         for s in SITES:
             node = self.net[s]
-            node.run(["ip", "link", "set", "dev", f"{s}-svc", "address", SERVICE_MAC])
+            node.run(["ip", "link", "set", "dev", f"{s}-svc", "address",
+                      self.layout.service_mac])
             ctl = self._ctl(f"agent-{s}")
             node.start(me + ["testbed.migration.agent", "--ctl", ctl], name="agent",
                        ready=lambda c=ctl: os.path.exists(c))
@@ -152,15 +181,11 @@ class MigrationController:
 
     def wait_offset(self, n: int, timeout: float = 30.0) -> int:
         """Wait until the stream has sent n bytes (e.g. the player's initial buffer)."""
-        deadline = time.monotonic() + timeout
-        while True:
+        def reached():
             off = self.status()["offset"]
-            if off >= n:
-                return off
-            if time.monotonic() > deadline:
-                raise TestbedError(f"stream at {off} bytes after {timeout:g} s, waiting "
-                                   f"for {n}")
-            time.sleep(0.01)
+            return (off,) if off >= n else None  # a tuple: an offset of 0 is an answer too
+
+        return wait_until(reached, timeout, f"the stream to send {n} bytes")[0]
 
     # the sequence ----------------------------------------------------------------------
     def migrate(self, bod: bool = True, fault: str = "", timeout_s: float = None,
@@ -178,8 +203,7 @@ class MigrationController:
         if not isinstance(stop_bytes, int) or stop_bytes < 0 or not isinstance(
                 max_rounds, int) or max_rounds < 0:
             raise SpecError("migration: stop_bytes and max_rounds must be whole numbers >= 0")
-        from topologies import gmpls_dr as g
-
+        g = self.layout
         if fault not in ("", "corrupt", "truncate"):
             raise SpecError(f"migration: fault must be '', 'corrupt' or 'truncate', got "
                             f"{fault!r}")
@@ -203,7 +227,7 @@ class MigrationController:
                           "duration_s": t1 - t0, "since_start_s": t1 - t_seq, **extra})
             return extra
 
-        path_ip = (g.BOD if bod else g.PUBLIC)[SITES.index(dst)].split("/")[0]
+        path_ip = (g.bod if bod else g.public)[SITES.index(dst)].split("/")[0]
         if timeout_s is None:  # generous: 4x the physical floor of the path, at least 10 s
             rate = self.bod_mbit if bod else self.net.link("main", "backup").shaping[
                 "a_to_b"].rate_mbit
@@ -226,7 +250,7 @@ class MigrationController:
 
         def vlan_on():
             sw = self.net.switch("l2sw")
-            return {"apply_s": sum(sw.set_vlan(s, g.VLAN_MIGRATION) for s in SITES)}
+            return {"apply_s": sum(sw.set_vlan(s, g.vlan_migration) for s in SITES)}
 
         def bod_off():
             for ln in self._bod_links():
@@ -234,8 +258,8 @@ class MigrationController:
 
         def vlan_off():
             sw = self.net.switch("l2sw")
-            return {"apply_s": sw.set_vlan("main", g.PARK_MAIN)
-                    + sw.set_vlan("backup", g.PARK_BACKUP)}
+            return {"apply_s": sw.set_vlan("main", g.park_main)
+                    + sw.set_vlan("backup", g.park_backup)}
 
         if bod:
             step(2, reserve)
@@ -265,8 +289,8 @@ class MigrationController:
             raise MigrationFailed(f"step 5 failed, {src} resumed: {e}", steps) from None
         step(6, lambda: self._move_ip(src, dst))
         agw = self.net.switch("agw")
-        step(7, lambda: {"apply_s": agw.set_vlan("user", g.VLAN_MAIN if dst == "main"
-                                                 else g.VLAN_BACKUP)})
+        step(7, lambda: {"apply_s": agw.set_vlan("user", g.vlan_main if dst == "main"
+                                                 else g.vlan_backup)})
         res = step(8, lambda: control.request(dst_ctl, op="resume"))
         if bod:
             step(9, bod_off)
@@ -293,20 +317,18 @@ class MigrationController:
     def _wait_up(self, intfs: list, timeout: float = 5.0) -> None:
         """Until (node, ifname)s are operationally up: before the kernel's linkwatch runs,
         a freshly upped veth drops what it is given."""
-        deadline = time.monotonic() + timeout
+        pending = list(intfs)
 
         def up(node: str, ifname: str) -> bool:
             ln = self.net[node].ipr().get_links(ifname=ifname)
             return bool(ln) and ln[0].get_attr("IFLA_OPERSTATE") == "UP"
 
-        pending = list(intfs)
-        while pending:
-            pending = [x for x in pending if not up(*x)]
-            if pending and time.monotonic() > deadline:
-                raise TestbedError(f"BoD path: {pending[0][0]} {pending[0][1]} not up after "
-                                   f"{timeout:g} s")
-            if pending:
-                time.sleep(0.005)
+        def all_up() -> bool:
+            pending[:] = [x for x in pending if not up(*x)]
+            return not pending
+
+        wait_until(all_up, timeout, "BoD path: " + ", ".join(f"{n} {i}" for n, i in intfs)
+                   + " up", interval=0.005)
 
     # the end ---------------------------------------------------------------------------
     def finish(self, end: bool = True, timeout: float = None) -> dict:

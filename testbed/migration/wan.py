@@ -1,7 +1,8 @@
 """Paper 003's live migration across a WAN: the management sequence on topologies.wan_migration.
 
     with Network(wan_migration.build()) as net:
-        wm = WanMigration(net, state_mb=100, wws_mb=1, dirty_mbps=10)
+        wm = WanMigration(net, wan_migration.VS_IP, tunnel.add_tunnel, state_mb=100,
+                          wws_mb=1, dirty_mbps=10)
         wm.setup()                 # the VS serving at A (vs_a), routes to it
         res = wm.migrate()         # signals 1-3, timestamped; the VS now serves from vs_b
         wm.teardown_vm()           # stop the VM processes (setup() again for another run)
@@ -13,7 +14,7 @@ its site) and holds a memory image of state_mb that a dirtier thread writes at d
 state_mb dirties the whole image). ``vm-sink`` on vs_b receives the image.
 
 The sequence (the paper's three signals from the migration management system):
-1. migration imminent: the tunnel PE_a -> PE_b is set up (net.add_tunnel), PE_b routes
+1. migration imminent: the tunnel PE_a -> PE_b is set up (add_tunnel), PE_b routes
    VS_IP to vs_b, and the VM starts the bulk copy over TCP across the WAN core: round 0
    sends every page, each next round the pages dirtied meanwhile, until the dirty set is at
    most stop_mb, stops shrinking for 3 rounds, or max_rounds (logs "converged").
@@ -25,11 +26,15 @@ The sequence (the paper's three signals from the migration management system):
 
 Every signal and phase is timestamped (time.time(), the probes' clock). After the run both
 sides report the SHA-256 of the whole image (computed after the resume, outside the downtime).
+TERM or INT end either process (exit 0).
+
+The network must have the nodes client, ingress, pe_a, pe_b, vs_a and vs_b of
+topologies.wan_migration; the caller passes VS_IP (the library never imports topologies/)
+and the tunnel maker, testbed.tunnel.add_tunnel (a system never imports another).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -41,28 +46,17 @@ import sys
 import threading
 import time
 import zlib
-from typing import Optional
+from typing import Callable
 
+from testbed import daemon
 from testbed.errors import TestbedError
 from testbed.process import listening, log_matches
-from testbed.daemon.files import write_json_atomic
 
+NAME = "migration.wan"
 PAGE = 4096
 PAGE_HDR = struct.Struct("!II")          # page number, crc32
 FRAME = struct.Struct("!cII")            # kind, round / count, payload length
 ECHO = struct.Struct("!Id")              # udpecho's header
-
-
-def _recv_exact(s: socket.socket, n: int) -> memoryview:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = s.recv_into(view[got:], n - got)
-        if not k:
-            raise ConnectionError("peer closed")
-        got += k
-    return view
 
 
 def _echo(sock: socket.socket, tag: bytes, stop: threading.Event) -> None:
@@ -141,8 +135,8 @@ class VmSource:
 
     def run(self) -> None:
         a = self.a
-        signal.signal(signal.SIGUSR1, lambda *_: setattr(self, "start_copy", True))
-        signal.signal(signal.SIGUSR2, lambda *_: setattr(self, "quiesce", True))
+        daemon.on_signals(lambda *_: setattr(self, "start_copy", True), (signal.SIGUSR1,))
+        daemon.on_signals(lambda *_: setattr(self, "quiesce", True), (signal.SIGUSR2,))
         threading.Thread(target=_echo, args=(self.echo, b"vs_a", self.echo_stop),
                          daemon=True).start()
         dt = threading.Thread(target=self.dirtier, daemon=True)
@@ -164,7 +158,7 @@ class VmSource:
             n = self._send_pages(s, rnd_no, pages, final=False)
             # the round is over when the sink has it (not when it is in our send buffer)
             s.sendall(FRAME.pack(b"R", rnd_no, 0))
-            kind, _, _ = FRAME.unpack(_recv_exact(s, FRAME.size))
+            kind, _, _ = FRAME.unpack(daemon.recv_exact(s, FRAME.size))
             if kind != b"r":
                 raise ConnectionError(f"unexpected reply {kind!r} to round {rnd_no}")
             out["rounds"].append({"round": rnd_no, "pages": n, "bytes": n * PAGE,
@@ -210,14 +204,14 @@ class VmSource:
         s.sendall(FRAME.pack(b"F", n, 0))
         out["final_pages"] = n
         out["final_bytes"] = n * PAGE
-        kind, _, _ = FRAME.unpack(_recv_exact(s, FRAME.size))
+        kind, _, _ = FRAME.unpack(daemon.recv_exact(s, FRAME.size))
         out["t_acked"] = time.time()
         out["resumed_ok"] = kind == b"K"
         s.close()
         out["dirtied_bytes"] = self.dirtied_bytes
         out["sent_bytes"] = sum(r["bytes"] for r in out["rounds"]) + n * PAGE
         out["sha256"] = hashlib.sha256(self.mem).hexdigest()
-        write_json_atomic(a.out, out)
+        daemon.write_json_atomic(a.out, out)
         print("migrated", flush=True)
 
 
@@ -232,7 +226,7 @@ def vm_sink(a) -> None:
     mem = bytearray(a.pages * PAGE)
     seen = bytearray(a.pages)
     while True:
-        kind, count, n = FRAME.unpack(_recv_exact(c, FRAME.size))
+        kind, count, n = FRAME.unpack(daemon.recv_exact(c, FRAME.size))
         if out["t_first"] is None:
             out["t_first"] = time.time()
         if kind == b"F":
@@ -240,7 +234,7 @@ def vm_sink(a) -> None:
         if kind == b"R":
             c.sendall(FRAME.pack(b"r", count, 0))
             continue
-        body = _recv_exact(c, n)
+        body = memoryview(daemon.recv_exact(c, n))  # the pages are slices of it, no copies
         out["bytes"] += n
         off = 0
         for _ in range(count):
@@ -269,20 +263,24 @@ def vm_sink(a) -> None:
     c.sendall(FRAME.pack(b"K" if ok else b"X", 0, 0))
     c.close()
     out["sha256"] = hashlib.sha256(mem).hexdigest()
-    write_json_atomic(a.out, out)
+    daemon.write_json_atomic(a.out, out)
     print("sink done", flush=True)
-    threading.Event().wait()  # keep serving until stopped
+    while True:  # keep serving until stopped
+        signal.pause()
 
 
 class WanMigration:
-    def __init__(self, net, vs_ip: Optional[str] = None, port: int = 9999, mport: int = 9400,
-                 state_mb: float = 100.0, wws_mb: float = 1.0, dirty_mbps: float = 10.0,
-                 stop_mb: float = 1.0, max_rounds: int = 30, tunnel_kind: str = "auto",
-                 seed: int = 1, tag: str = ""):
-        from topologies.wan_migration import VS_IP
-
+    def __init__(self, net, vs_ip: str, add_tunnel: Callable, port: int = 9999,
+                 mport: int = 9400, state_mb: float = 100.0, wws_mb: float = 1.0,
+                 dirty_mbps: float = 10.0, stop_mb: float = 1.0, max_rounds: int = 30,
+                 tunnel_kind: str = "auto", seed: int = 1, tag: str = ""):
+        """vs_ip: the virtual server's address (topologies.wan_migration.VS_IP), a /32
+        outside every link's subnet. add_tunnel(net, a, b, kind=tunnel_kind) makes the
+        tunnel PE_a -> PE_b at signal 1 (testbed.tunnel.add_tunnel): something with
+        peer_ip(node) and remove()."""
         self.net = net
-        self.vs_ip = vs_ip or VS_IP
+        self.vs_ip = vs_ip
+        self.add_tunnel = add_tunnel
         self.port, self.mport = port, mport
         self.state_mb, self.wws_mb, self.dirty_mbps = state_mb, wws_mb, dirty_mbps
         self.stop_mb, self.max_rounds, self.kind, self.seed = stop_mb, max_rounds, tunnel_kind, seed
@@ -333,7 +331,7 @@ class WanMigration:
         n = self._n
         ev: dict = {}
         ev["signal1"] = time.time()
-        self.tunnel = self.net.add_tunnel("pe_a", "pe_b", kind=self.kind)
+        self.tunnel = self.add_tunnel(self.net, "pe_a", "pe_b", kind=self.kind)
         ev["tunnel_up"] = time.time()
         self.src.signal(signal.SIGUSR1)
         if on_signal:
@@ -351,9 +349,7 @@ class WanMigration:
         if on_signal:
             on_signal(2)
         src.wait_ready(log_matches(lambda: src, r"migrated"), timeout=timeout)
-        end = time.monotonic() + hold_s
-        while time.monotonic() < end:  # the tunnel phase lasts hold_s (a measured phase)
-            time.sleep(0.01)
+        time.sleep(hold_s)  # the tunnel phase lasts hold_s (a measured phase)
         ev["signal3"] = time.time()
         n("ingress").replace_route(f"{self.vs_ip}/32", via=n("pe_b").ip_toward(n("ingress")))
         ev["ingress_moved"] = time.time()
@@ -391,17 +387,18 @@ class WanMigration:
             self.tunnel = None
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.migration.wan")
+def body(argv) -> int:
+    ap = daemon.ArgParser(NAME, description="Paper 003's virtual server: the source "
+                                            "(vm-source) or the target (vm-sink).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in ("vm-source", "vm-sink"):
         p = sub.add_parser(name)
-        p.add_argument("--vs-ip", required=True)
-        p.add_argument("--port", type=int, default=9999)
-        p.add_argument("--mport", type=int, default=9400)
+        p.add_argument("--vs-ip", required=True, type=daemon.ipv4)
+        p.add_argument("--port", type=daemon.port, default=9999)
+        p.add_argument("--mport", type=daemon.port, default=9400)
         p.add_argument("--out", required=True)
     s = sub.choices["vm-source"]
-    s.add_argument("--dst", required=True)
+    s.add_argument("--dst", required=True, type=daemon.ipv4)
     s.add_argument("--state-mb", type=float, default=100.0)
     s.add_argument("--wws-mb", type=float, default=1.0)
     s.add_argument("--dirty-mbps", type=float, default=10.0)
@@ -410,11 +407,19 @@ def main(argv=None) -> int:
     s.add_argument("--seed", type=int, default=1)
     sub.choices["vm-sink"].add_argument("--pages", type=int, required=True)
     a = ap.parse_args(argv)
-    if a.cmd == "vm-source":
-        VmSource(a).run()
-    else:
-        vm_sink(a)
+    daemon.raise_stop_on_signals()
+    try:
+        if a.cmd == "vm-source":
+            VmSource(a).run()
+        else:
+            vm_sink(a)
+    except daemon.Stop:
+        pass
     return 0
+
+
+def main(argv=None) -> int:
+    return daemon.run_main(NAME, body, argv)
 
 
 if __name__ == "__main__":

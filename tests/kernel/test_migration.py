@@ -25,7 +25,7 @@ def _net(run_id):
 def _controller(net, **kw):
     params = dict(seconds=300, burst_s=2, image_mb=2, buffer_s=2)
     params.update(kw)
-    mc = MigrationController(net, **params)
+    mc = MigrationController(net, gmpls_dr, **params)
     mc.setup()
     mc.wait_offset(mc.status()["offset"] + 1)
     return mc

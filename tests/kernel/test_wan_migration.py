@@ -16,6 +16,7 @@ from testbed.measure.udpprobe import outages
 from testbed.migration.wan import WanMigration
 from testbed.network import Network
 from testbed.process import listening, log_matches
+from testbed.tunnel import add_tunnel, tunnels
 from topologies import wan_migration
 from topologies.wan_migration import VS_IP
 
@@ -33,7 +34,7 @@ def net():
 
 
 def test_vs_reachable_through_three_signals(net):
-    wm = WanMigration(net, state_mb=8, wws_mb=1, dirty_mbps=10, tag="kt")
+    wm = WanMigration(net, VS_IP, add_tunnel, state_mb=8, wws_mb=1, dirty_mbps=10, tag="kt")
     wm.setup()
     c = net["client"]
     out = os.path.join(net.log_dir, "kt-probe.csv")
@@ -52,7 +53,7 @@ def test_vs_reachable_through_three_signals(net):
              "resumed", "switchover", "signal3", "ingress_moved", "tunnel_down"]
     assert [ev[k] for k in order] == sorted(ev[k] for k in order), ev
     assert res["state_equal"] and res["bad_pages"] == 0
-    assert net.tunnels() == []                       # torn down at signal 3
+    assert tunnels(net) == []                       # torn down at signal 3
     got = df[df["t_recv"].notna()]
     assert set(got["responder"]) == {"vs_a", "vs_b"}
     # vs_a answered until the quiesce, vs_b from the switchover on, never again vs_a

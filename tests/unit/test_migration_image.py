@@ -2,6 +2,7 @@
 
 import io
 import struct
+import types
 
 import pytest
 
@@ -109,7 +110,9 @@ def test_bad_parameters_refused_before_anything():
 
     for kw in ({"image_mb": 0}, {"rate_mbit": -1}, {"buffer_s": "30"}, {"burst_s": -1}):
         with pytest.raises(SpecError):
-            MigrationController(None, **kw)
+            MigrationController(None, gmpls_dr, **kw)
+    with pytest.raises(SpecError, match="lacks SERVICE_MAC"):
+        MigrationController(None, types.SimpleNamespace(SERVICE_IP="10.1.0.100/24"))
     with pytest.raises(SpecError, match="public_mbit"):
         gmpls_dr.build(public_mbit=0)
 
