@@ -3,27 +3,27 @@
     python -m testbed.migration.agent --ctl SOCK
 
 Commands: ip_add {addr: "a.b.c.d/len", dev}, ip_del {addr, dev}, addrs {}. Each reply
-carries the time the kernel change took.
+carries the time the kernel change took. TERM or INT end it (exit 0, the socket removed).
 """
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
+import signal
 import sys
 import threading
 import time
 
 from pyroute2 import IPRoute
 
+from testbed import daemon
 from testbed.migration import control
 
+NAME = "migration.agent"
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.migration.agent")
-    ap.add_argument("--ctl", required=True)
-    a = ap.parse_args(argv)
-    ipr = IPRoute()
+
+def handler(ipr: IPRoute):
+    """handle(msg) -> reply for the control socket (one command at a time)."""
     lock = threading.Lock()
 
     def handle(msg: dict) -> dict:
@@ -43,10 +43,30 @@ def main(argv=None) -> int:
                 return {"took_s": time.perf_counter() - t0}
         raise ValueError(f"unknown command {op!r}")
 
-    control.serve(a.ctl, handle)
-    print("agent ready", flush=True)
-    threading.Event().wait()
-    return 0
+    return handle
+
+
+def body(argv) -> int:
+    ap = daemon.ArgParser(NAME, description="A site's agent: changes the node's addresses "
+                                            "on command.")
+    ap.add_argument("--ctl", required=True, help="the control socket's path")
+    a = ap.parse_args(argv)
+    ipr = IPRoute()
+    server = control.serve(a.ctl, handler(ipr))
+    daemon.raise_stop_on_signals()
+    try:
+        print("agent ready", flush=True)
+        while True:
+            signal.pause()
+    except daemon.Stop:
+        return 0
+    finally:
+        server.close()
+        ipr.close()
+
+
+def main(argv=None) -> int:
+    return daemon.run_main(NAME, body, argv)
 
 
 if __name__ == "__main__":

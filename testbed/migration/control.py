@@ -7,14 +7,27 @@ root process reaches daemons inside the nodes through files in the run's log dir
 from __future__ import annotations
 
 import json
-import os
 import socket
 import threading
 from typing import Callable
 
+from testbed.daemon import remove_quietly
+from testbed.poll import WaitTimeout, wait_until
+
 
 class ControlError(RuntimeError):
     pass
+
+
+def recv_line(sock: socket.socket) -> bytes:
+    """One message: the bytes up to and with the newline (less if the peer closes first)."""
+    buf = b""
+    while not buf.endswith(b"\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        buf += chunk
+    return buf
 
 
 def request(path: str, timeout: float = 120.0, **msg) -> dict:
@@ -23,12 +36,7 @@ def request(path: str, timeout: float = 120.0, **msg) -> dict:
         s.settimeout(timeout)
         s.connect(path)
         s.sendall(json.dumps(msg).encode() + b"\n")
-        buf = b""
-        while not buf.endswith(b"\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            buf += chunk
+        buf = recv_line(s)
     if not buf:
         raise ControlError(f"{path}: no reply to {msg.get('op')!r}")
     reply = json.loads(buf)
@@ -40,29 +48,40 @@ def request(path: str, timeout: float = 120.0, **msg) -> dict:
 class Server:
     """Counts the commands being answered, so a daemon can exit after its last reply."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str) -> None:
+        self.path = path
         self.active = 0
         self.lock = threading.Lock()
+        self.sock = None
 
     def idle(self, timeout: float = 5.0) -> bool:
-        import time
+        """Wait until no command is being answered (at most timeout s); True if none is."""
+        try:
+            wait_until(lambda: not self.active, timeout, "the last control reply",
+                       interval=0.005)
+        except WaitTimeout:
+            return False
+        return True
 
-        deadline = time.monotonic() + timeout
-        while self.active and time.monotonic() < deadline:
-            time.sleep(0.005)
-        return not self.active
+    def close(self) -> None:
+        """Stop listening and remove the socket's path (answers under way finish)."""
+        if self.sock is not None:
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread
+            except OSError:
+                pass
+            self.sock.close()
+        remove_quietly(self.path)
 
 
 def serve(path: str, handle: Callable[[dict], dict]) -> Server:
     """Answer commands on path in daemon threads: handle(msg) -> reply (ok added)."""
-    server = Server()
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    server = Server(path)
+    remove_quietly(path)  # the socket of a daemon that died
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     srv.bind(path)
     srv.listen(8)
+    server.sock = srv
 
     def one(conn: socket.socket) -> None:
         try:
@@ -73,12 +92,9 @@ def serve(path: str, handle: Callable[[dict], dict]) -> Server:
 
     def answer(conn: socket.socket) -> None:
         with conn:
-            buf = b""
-            while not buf.endswith(b"\n"):
-                chunk = conn.recv(65536)
-                if not chunk:
-                    return
-                buf += chunk
+            buf = recv_line(conn)
+            if not buf.endswith(b"\n"):
+                return  # the client went away mid-command
             try:
                 reply = {"ok": True, **(handle(json.loads(buf)) or {})}
             except Exception as e:  # the reply carries the error; the daemon lives on
@@ -87,7 +103,10 @@ def serve(path: str, handle: Callable[[dict], dict]) -> Server:
 
     def loop() -> None:
         while True:
-            conn, _ = srv.accept()
+            try:
+                conn, _ = srv.accept()
+            except OSError:  # closed
+                return
             with server.lock:
                 server.active += 1
             threading.Thread(target=one, args=(conn,), daemon=True).start()

@@ -8,35 +8,47 @@ seconds are buffered, then consumes rate-mbit in real time; when the buffer runs
 player stalls (logged with start and end) until rebuffer-s seconds are buffered again. The
 JSON report: bytes, sha256 of everything received, local/peer addresses, reset, stalls,
 min_buffer_s (the lowest buffer level while playing) and a 100 ms timeline of bytes
-received and buffer level.
+received and buffer level. TERM or INT end it at once, without a report.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
-import os
 import socket
 import sys
 import time
 
+from testbed import daemon
+
+NAME = "migration.player"
 BIN_S = 0.1
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.migration.player")
-    ap.add_argument("--dst", required=True)
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--out", required=True)
+def body(argv) -> int:
+    ap = daemon.ArgParser(NAME, description="Play the migratable streamer's stream.")
+    ap.add_argument("--dst", required=True, type=daemon.ipv4)
+    ap.add_argument("--port", type=daemon.port, required=True)
+    ap.add_argument("--out", required=True, help="the JSON report, written at the end")
     ap.add_argument("--rate-mbit", type=float, default=2.0)
     ap.add_argument("--buffer-s", type=float, default=30.0)
     ap.add_argument("--rebuffer-s", type=float, default=1.0)
     a = ap.parse_args(argv)
     if a.rate_mbit <= 0 or a.buffer_s <= 0 or a.rebuffer_s <= 0:
         ap.error("--rate-mbit, --buffer-s and --rebuffer-s must be positive")
+    daemon.raise_stop_on_signals()
+    try:
+        return play(a)
+    except daemon.Stop:
+        return 0
+
+
+def play(a) -> int:
     rate = a.rate_mbit * 1e6 / 8
-    s = socket.create_connection((a.dst, a.port), timeout=10)
+    try:
+        s = socket.create_connection((a.dst, a.port), timeout=10)
+    except OSError as e:
+        print(f"{NAME}: cannot connect to {a.dst}:{a.port}: {e}", file=sys.stderr, flush=True)
+        return 1
     s.settimeout(0.1)
     local = "%s:%d" % s.getsockname()
     peer = "%s:%d" % s.getpeername()
@@ -94,15 +106,16 @@ def main(argv=None) -> int:
         advance(now)
     t_end = time.time()
     s.close()
-    tmp = a.out + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"bytes": total, "sha256": h.hexdigest(), "local": local, "peer": peer,
-                   "reset": reset, "t_start": t_start, "t_end": t_end, "stalls": stalls,
-                   "stall_open": stall_start, "min_buffer_s": min_buffer,
-                   "started_playing": bool(played_s > 0 or playing),
-                   "timeline": timeline}, f)
-    os.replace(tmp, a.out)
+    daemon.write_json_atomic(a.out, {
+        "bytes": total, "sha256": h.hexdigest(), "local": local, "peer": peer,
+        "reset": reset, "t_start": t_start, "t_end": t_end, "stalls": stalls,
+        "stall_open": stall_start, "min_buffer_s": min_buffer,
+        "started_playing": bool(played_s > 0 or playing), "timeline": timeline})
     return 0
+
+
+def main(argv=None) -> int:
+    return daemon.run_main(NAME, body, argv)
 
 
 if __name__ == "__main__":

@@ -29,10 +29,10 @@ JSON).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import json
 import os
+import signal
 import socket
 import struct
 import sys
@@ -40,6 +40,9 @@ import threading
 import time
 from typing import Optional
 
+from testbed import daemon
+
+NAME = "migration.replication"
 HDR = struct.Struct("!cQQI")
 MODES = ("sync", "async")
 
@@ -48,23 +51,13 @@ class ReplicationError(RuntimeError):
     pass
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("peer closed")
-        buf += chunk
-    return bytes(buf)
-
-
 def _frame(kind: bytes, seq: int, block: int, data: bytes = b"") -> bytes:
     return HDR.pack(kind, seq, block, len(data)) + data
 
 
 def _read_frame(s: socket.socket) -> tuple:
-    kind, seq, block, n = HDR.unpack(_recv_exact(s, HDR.size))
-    return kind, seq, block, _recv_exact(s, n) if n else b""
+    kind, seq, block, n = HDR.unpack(daemon.recv_exact(s, HDR.size))
+    return kind, seq, block, daemon.recv_exact(s, n) if n else b""
 
 
 class Replica:
@@ -370,16 +363,17 @@ def workload(p: Primary, writes: int, block_size: int, rate: float = 0.0,
     return out
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.migration.replication")
+def body(argv) -> int:
+    ap = daemon.ArgParser(NAME, description="Paper 003's storage replication: a replica, a "
+                                            "primary running a write workload, or a stat.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("replica")
-    r.add_argument("--port", type=int, default=9500)
-    r.add_argument("--out", default=None)
+    r.add_argument("--port", type=daemon.port, default=9500)
+    r.add_argument("--out", default=None, help="the disk image (default: in memory)")
     r.add_argument("--no-fsync", action="store_true")
     w = sub.add_parser("primary")
-    w.add_argument("--dst", required=True)
-    w.add_argument("--port", type=int, default=9500)
+    w.add_argument("--dst", required=True, type=daemon.ipv4)
+    w.add_argument("--port", type=daemon.port, default=9500)
     w.add_argument("--mode", choices=MODES, default="sync")
     w.add_argument("--max-bytes", type=int, default=None)
     w.add_argument("--max-lag-s", type=float, default=None)
@@ -391,29 +385,42 @@ def main(argv=None) -> int:
     w.add_argument("--crash-at-s", type=float, default=None)
     w.add_argument("--out", required=True)
     st = sub.add_parser("stat")
-    st.add_argument("--dst", required=True)
-    st.add_argument("--port", type=int, default=9500)
+    st.add_argument("--dst", required=True, type=daemon.ipv4)
+    st.add_argument("--port", type=daemon.port, default=9500)
     a = ap.parse_args(argv)
+    daemon.raise_stop_on_signals()
+    try:
+        return run(a)
+    except daemon.Stop:
+        return 0
+
+
+def run(a) -> int:
     if a.cmd == "stat":
         print(json.dumps(replica_stats((a.dst, a.port))), flush=True)
         return 0
     if a.cmd == "replica":
         rep = Replica(("0.0.0.0", a.port), path=a.out, fsync=not a.no_fsync).start()
-        print(f"replica listening on {a.port}", flush=True)
         try:
-            threading.Event().wait()
+            print(f"replica listening on {a.port}", flush=True)
+            while True:
+                signal.pause()
         finally:
             rep.close()
-        return 0
-    p = Primary((a.dst, a.port), mode=a.mode, max_bytes=a.max_bytes, max_lag_s=a.max_lag_s,
-                checkpoint_s=a.checkpoint_s)
+    try:
+        p = Primary((a.dst, a.port), mode=a.mode, max_bytes=a.max_bytes,
+                    max_lag_s=a.max_lag_s, checkpoint_s=a.checkpoint_s)
+    except ValueError as e:
+        raise daemon.UsageError(str(e)) from None
     print("primary connected", flush=True)
     res = workload(p, a.writes, a.block_size, a.rate, a.switch_at, a.crash_at_s)
-    with open(a.out + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(a.out + ".tmp", a.out)
+    daemon.write_json_atomic(a.out, res)
     print("done", flush=True)
     return 0
+
+
+def main(argv=None) -> int:
+    return daemon.run_main(NAME, body, argv)
 
 
 if __name__ == "__main__":

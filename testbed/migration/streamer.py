@@ -23,9 +23,7 @@ connection (same 4-tuple) and carries on streaming: it is then itself migratable
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import json
 import os
 import select
 import socket
@@ -33,21 +31,29 @@ import sys
 import threading
 import time
 
+from testbed import daemon
+from testbed.kernel.sockq import send_queue_bytes
 from testbed.measure.tcpstream import _pattern
 from testbed.migration import control, repair
 from testbed.migration import state
 from testbed.migration.state import Image, StateError
 
+NAME = "migration.streamer"
 CHUNK = 16384
 PAGE = 4096
 FAULTS = ("", "corrupt", "truncate")
+SETTLE_S = 1.0  # before a dump: let the in-flight data be acked (less to retransmit later)
 
 
-def _write(path: str, data: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+def drain(sock: socket.socket, timeout_s: float, interval_s: float = 0.002) -> bool:
+    """Wait until the peer has acknowledged everything in sock's send queue, at most
+    timeout_s (a protocol deadline: not scaled); True if it has."""
+    deadline = time.monotonic() + timeout_s
+    while send_queue_bytes(sock):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
+    return True
 
 
 def _log(msg: str) -> None:
@@ -126,12 +132,12 @@ class Streamer:
         self.finish(t_close=t_close)
 
     def finish(self, **extra) -> None:
-        _write(self.out, {"start_offset": self.start_offset, "end_offset": self.offset,
-                          "migrated_out": self.migrated, "refused": self.refused,
-                          "local": list(self.app.get("local", [])),
-                          "remote": list(self.app.get("remote", [])),
-                          "migrations": self.app.get("migrations", 0),
-                          "events": self.events, **extra})
+        daemon.write_json_atomic(self.out, {
+            "start_offset": self.start_offset, "end_offset": self.offset,
+            "migrated_out": self.migrated, "refused": self.refused,
+            "local": list(self.app.get("local", [])),
+            "remote": list(self.app.get("remote", [])),
+            "migrations": self.app.get("migrations", 0), "events": self.events, **extra})
         self.done.set()
 
     # the application's writes to its memory (pre-copy has to chase them) -----------------
@@ -206,9 +212,7 @@ class Streamer:
             if not self.frozen or self.conn is None:
                 raise RuntimeError("freeze the stream before migrating it")
         t0 = time.time()
-        deadline = t0 + 1.0  # let the in-flight data be acked: less to retransmit later
-        while repair.send_queue_bytes(self.conn) and time.time() < deadline:
-            time.sleep(0.002)
+        drain(self.conn, SETTLE_S)
         with self.lock:
             st, sendq, recvq = repair.dump(self.conn)
             app = dict(self.app, offset=self.offset, migrations=self.app["migrations"] + 1)
@@ -258,11 +262,8 @@ class Streamer:
                     for chunk in img.chunks():
                         s.sendall(chunk)
                         n += len(chunk)
-                    deadline = time.time() + timeout
-                    while repair.send_queue_bytes(s):
-                        if time.time() > deadline:
-                            raise OSError(f"pre-copy round not acked within {timeout:g} s")
-                        time.sleep(0.001)
+                    if not drain(s, timeout, interval_s=0.001):
+                        raise OSError(f"pre-copy round not acked within {timeout:g} s")
                     return n
 
                 with self.dirty_lock:
@@ -291,9 +292,7 @@ class Streamer:
                 with self.lock:
                     self.frozen = True
                 self.events.append(("freeze", t_freeze))
-                deadline = t_freeze + 1.0
-                while repair.send_queue_bytes(self.conn) and time.time() < deadline:
-                    time.sleep(0.002)
+                drain(self.conn, SETTLE_S)
                 with self.lock, self.dirty_lock:
                     st, sendq, recvq = repair.dump(self.conn)
                     dumped = True
@@ -421,12 +420,13 @@ class Streamer:
                 "local": list(conn.getsockname()), "remote": list(conn.getpeername())}
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m testbed.migration.streamer")
+def body(argv) -> int:
+    ap = daemon.ArgParser(NAME, description="A migratable streamer (serve), or the target "
+                                            "that restores one (restore).")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
-    s.add_argument("--bind", default="0.0.0.0")
-    s.add_argument("--port", type=int, required=True)
+    s.add_argument("--bind", default="0.0.0.0", type=daemon.ipv4)
+    s.add_argument("--port", type=daemon.port, required=True)
     s.add_argument("--rate-mbit", type=float, default=2.0)
     s.add_argument("--seconds", type=float, default=60.0)
     s.add_argument("--burst-s", type=float, default=30.0)
@@ -434,8 +434,8 @@ def main(argv=None) -> int:
     s.add_argument("--dirty-mbps", type=float, default=0.0,
                    help="MB/s of random page writes into the memory image while streaming")
     r = sub.add_parser("restore")
-    r.add_argument("--listen", required=True)
-    r.add_argument("--mport", type=int, required=True)
+    r.add_argument("--listen", required=True, type=daemon.ipv4)
+    r.add_argument("--mport", type=daemon.port, required=True)
     for p in (s, r):
         p.add_argument("--ctl", required=True)
         p.add_argument("--out", required=True)
@@ -447,11 +447,23 @@ def main(argv=None) -> int:
         if a.burst_s < 0 or a.dirty_mbps < 0:
             ap.error("--burst-s and --dirty-mbps must be >= 0")
     st = Streamer(a.ctl, a.out)
-    if a.cmd == "restore":
-        st.listen_images(a.listen, a.mport)
+    daemon.raise_stop_on_signals()
+    try:
+        if a.cmd == "restore":
+            st.listen_images(a.listen, a.mport)
+        else:
+            serve(st, a)
         st.done.wait()
         st.server.idle()
-        return 0
+    except daemon.Stop:
+        pass
+    finally:
+        st.server.close()
+    return 0
+
+
+def serve(st: Streamer, a) -> None:
+    """Accept the player and stream to it (in this thread) until the end or a migration."""
     image = bytearray(os.urandom(int(a.image_mb * 1e6)))
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -469,9 +481,10 @@ def main(argv=None) -> int:
     _log(f"streaming to {peer[0]}:{peer[1]}")
     threading.Thread(target=st.dirtier, daemon=True).start()
     st.stream()
-    st.done.wait()
-    st.server.idle()
-    return 0
+
+
+def main(argv=None) -> int:
+    return daemon.run_main(NAME, body, argv)
 
 
 if __name__ == "__main__":

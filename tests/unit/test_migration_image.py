@@ -120,9 +120,8 @@ def test_bad_parameters_refused_before_anything():
 def test_streamer_cli_refuses_bad_sizes(tmp_path):
     from testbed.migration import streamer
 
-    with pytest.raises(SystemExit):
-        streamer.main(["serve", "--port", "1", "--image-mb", "0", "--ctl",
-                       str(tmp_path / "c"), "--out", str(tmp_path / "o")])
+    assert streamer.main(["serve", "--port", "1", "--image-mb", "0", "--ctl",
+                          str(tmp_path / "c"), "--out", str(tmp_path / "o")]) == 2
     assert not (tmp_path / "c").exists()
 
 
