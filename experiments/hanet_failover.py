@@ -66,7 +66,7 @@ def failovers(ctx, net, n: int) -> dict:
     h.wait_active("s1", "pub")
     echo = web.Echo(net["s1"], sip)
     probes = {"lan": web.Probe(net["c1"], sip), "remote": web.Probe(net["w1"], sip)}
-    ipr, nic = net["s1"].ipr(), net["s1"]._ifindex("s1-pub")
+    ipr, nic = net["s1"].ipr(), net["s1"].ifindex("s1-pub")
     rng = random.Random(2)
     slots = list(range(n))
     rng.shuffle(slots)

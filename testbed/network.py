@@ -137,8 +137,6 @@ class Node:
             raise SpecError(f"{self.name} has no interface {ifname!r}")
         return idx
 
-    _ifindex = ifindex  # the old name, until experiments/hanet_failover.py uses ifindex()
-
     def _check_ip(self, ip: str, what: str = "address") -> str:
 
         try:

@@ -118,20 +118,10 @@ def server_interface(net, server: str, subnet=None) -> str:
     raise SpecError(f"failover: {server} has no interface" + (f" on {subnet}" if subnet else ""))
 
 
-def ifindex(net, server: str, ifname: str) -> int:
-    """The kernel index of one of the server's interfaces (SpecError if it has none such)."""
-    from testbed.kernel import link as klink  # not at the top: the daemons import this package
-
-    idx = klink.indexes(net[server].ipr()).get(ifname)
-    if idx is None:
-        raise SpecError(f"{server} has no interface {ifname!r}")
-    return idx
-
-
 def held_vips(net, server: str, ifname: str, vips: list) -> list:
     """The VIPs among vips on the server's interface, from the kernel (in vips' order)."""
     n = net[server]
-    idx = ifindex(net, server, ifname)
+    idx = n.ifindex(ifname)
     found = {a.get_attr("IFA_ADDRESS") for a in n.ipr().get_addr(index=idx)}
     return [v for v in vips if v in found]
 
@@ -172,7 +162,7 @@ def set_interface(net, node: str, up: bool, ifname: Optional[str] = None) -> Non
 
     n = net[node]
     ifname = ifname or server_interface(net, node)
-    ifindex(net, node, ifname)
+    net[node].ifindex(ifname)
     klink.set_state(n.ipr(), ifname, up)
     if up:
         for r in net.plan.addressing.routes:
@@ -329,7 +319,7 @@ class Wackamole(VipHolders):
         return True, ""
 
     def _oper_up(self, server: str) -> bool:
-        idx = ifindex(self.net, server, self.devs[server])
+        idx = self.net[server].ifindex(self.devs[server])
         ln = self.net[server].ipr().get_links(idx)[0]
         return ln.get_attr("IFLA_OPERSTATE") == "UP"
 

@@ -45,7 +45,7 @@ def mac_seen(node, ip: str):
 
 
 def tx(node, ifname: str) -> int:
-    return node.ipr().get_links(node._ifindex(ifname))[0].get_attr("IFLA_STATS64")["tx_packets"]
+    return node.ipr().get_links(node.ifindex(ifname))[0].get_attr("IFLA_STATS64")["tx_packets"]
 
 
 def sibling_state(net) -> dict:

@@ -34,7 +34,7 @@ def ttl(src, ip: str):
 
 
 def tx_packets(node, ifname: str) -> int:
-    ln = node.ipr().get_links(node._ifindex(ifname))[0]
+    ln = node.ipr().get_links(node.ifindex(ifname))[0]
     return ln.get_attr("IFLA_STATS64")["tx_packets"]
 
 
