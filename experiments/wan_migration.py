@@ -37,7 +37,6 @@ from testbed import Network
 from testbed.measure.udpprobe import outages
 from testbed.migration.wan import WanMigration
 from testbed.process import listening, log_matches
-from testbed.tunnel import add_tunnel
 from testbed.experiment import pyplot
 from topologies import wan_migration
 from topologies.wan_migration import VS_IP
@@ -170,7 +169,7 @@ def run(ctx) -> None:
         targets = []
         for i in range(reps):
             ctx.progress(f"target run {i + 1}/{reps}: {target_mb} MB, wws 1 MB, 10 MB/s")
-            wm = WanMigration(net, VS_IP, add_tunnel, state_mb=target_mb, wws_mb=1, dirty_mbps=10,
+            wm = WanMigration(net, VS_IP, state_mb=target_mb, wws_mb=1, dirty_mbps=10,
                               tag=f"target{i}-")
             res = one_migration(ctx, net, wm, f"target{i}", probe_ms=probe_ms)
             pr = analyse_probe(res, probe_ms)
@@ -188,14 +187,14 @@ def run(ctx) -> None:
         # 2. total migration time vs dirty rate (uniform over the image), WAN rate, RTT
         for d in dirty_rates:
             ctx.progress(f"dirty-rate sweep: {d} MB/s over {sweep_mb} MB")
-            wm = WanMigration(net, VS_IP, add_tunnel, state_mb=sweep_mb, wws_mb=sweep_mb,
+            wm = WanMigration(net, VS_IP, state_mb=sweep_mb, wws_mb=sweep_mb,
                               dirty_mbps=d, tag=f"d{d}-")
             mig_row(ctx, "sweep_dirty", one_migration(ctx, net, wm, f"d{d}", hold_s=0.1),
                     wan_mbit=WAN_MBIT, rtt_ms=2 * WAN_DELAY_MS, dirty_mbps=d, wws_mb=sweep_mb)
         for r in wan_rates:
             ctx.progress(f"WAN-rate sweep: {r} Mbit/s")
             core.set(rate_mbit=r)
-            wm = WanMigration(net, VS_IP, add_tunnel, state_mb=sweep_mb, wws_mb=1,
+            wm = WanMigration(net, VS_IP, state_mb=sweep_mb, wws_mb=1,
                               dirty_mbps=10, tag=f"r{r}-")
             mig_row(ctx, "sweep_rate", one_migration(ctx, net, wm, f"r{r}", hold_s=0.1),
                     wan_mbit=r, rtt_ms=2 * WAN_DELAY_MS, dirty_mbps=10, wws_mb=1)
@@ -203,7 +202,7 @@ def run(ctx) -> None:
         for rtt in rtts:
             ctx.progress(f"RTT sweep: {rtt} ms")
             core.set(delay_ms=rtt / 2)
-            wm = WanMigration(net, VS_IP, add_tunnel, state_mb=sweep_mb, wws_mb=1, dirty_mbps=10,
+            wm = WanMigration(net, VS_IP, state_mb=sweep_mb, wws_mb=1, dirty_mbps=10,
                               tag=f"t{rtt}-")
             mig_row(ctx, "sweep_rtt", one_migration(ctx, net, wm, f"t{rtt}", hold_s=0.1),
                     wan_mbit=WAN_MBIT, rtt_ms=rtt, dirty_mbps=10, wws_mb=1)

@@ -26,7 +26,7 @@ from testbed.daemon.main import run_main
 CHUNK = 16384
 
 
-def _pattern(offset: int, n: int) -> bytes:
+def pattern(offset: int, n: int) -> bytes:
     """n bytes of the stream starting at offset: each 8-byte word is its own word index."""
     first, skip = divmod(offset, 8)
     words = (n + skip + 7) // 8
@@ -78,7 +78,7 @@ def send(dst: str, port: int, rate_mbit: float, seconds: float, out: str) -> Non
             if sent >= due:
                 time.sleep(min(0.005, (sent - due + CHUNK) / bytes_per_s))
                 continue
-            chunk = _pattern(sent, CHUNK)
+            chunk = pattern(sent, CHUNK)
             s.sendall(chunk)
             h.update(chunk)
             sent += len(chunk)

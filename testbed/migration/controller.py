@@ -31,7 +31,7 @@ import time
 from dataclasses import dataclass
 
 from testbed.errors import SpecError, TestbedError
-from testbed.measure.tcpstream import _pattern
+from testbed.measure.tcpstream import pattern
 from testbed.migration import control
 from testbed.poll import wait_until
 from testbed.process import log_matches
@@ -82,7 +82,7 @@ class MigrationFailed(TestbedError):
 def _stream_hash(n: int) -> str:
     h = hashlib.sha256()
     for off in range(0, n, 1 << 20):
-        h.update(_pattern(off, min(1 << 20, n - off)))
+        h.update(pattern(off, min(1 << 20, n - off)))
     return h.hexdigest()
 
 

@@ -33,7 +33,7 @@ import time
 
 from testbed import daemon
 from testbed.kernel.sockq import send_queue_bytes
-from testbed.measure.tcpstream import _pattern
+from testbed.measure.tcpstream import pattern
 from testbed.migration import control, repair
 from testbed.migration import state
 from testbed.migration.state import Image, StateError
@@ -112,7 +112,7 @@ class Streamer:
                     continue
                 n = min(CHUNK, total - self.offset)
                 try:
-                    sent = self.conn.send(_pattern(self.offset, n), socket.MSG_DONTWAIT)
+                    sent = self.conn.send(pattern(self.offset, n), socket.MSG_DONTWAIT)
                 except BlockingIOError:
                     continue
                 except OSError as e:

@@ -1,8 +1,8 @@
 """Paper 003's live migration across a WAN: the management sequence on topologies.wan_migration.
 
     with Network(wan_migration.build()) as net:
-        wm = WanMigration(net, wan_migration.VS_IP, tunnel.add_tunnel, state_mb=100,
-                          wws_mb=1, dirty_mbps=10)
+        wm = WanMigration(net, wan_migration.VS_IP, state_mb=100, wws_mb=1,
+                          dirty_mbps=10)
         wm.setup()                 # the VS serving at A (vs_a), routes to it
         res = wm.migrate()         # signals 1-3, timestamped; the VS now serves from vs_b
         wm.teardown_vm()           # stop the VM processes (setup() again for another run)
@@ -29,8 +29,8 @@ sides report the SHA-256 of the whole image (computed after the resume, outside 
 TERM or INT end either process (exit 0).
 
 The network must have the nodes client, ingress, pe_a, pe_b, vs_a and vs_b of
-topologies.wan_migration; the caller passes VS_IP (the library never imports topologies/)
-and the tunnel maker, testbed.tunnel.add_tunnel (a system never imports another).
+topologies.wan_migration; the caller passes VS_IP (the library never imports topologies/).
+The tunnel is the emulator's (testbed.tunnel.add_tunnel).
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ import sys
 import threading
 import time
 import zlib
-from typing import Callable
 
 from testbed import daemon
 from testbed.errors import TestbedError
 from testbed.process import listening, log_matches
+from testbed.tunnel import add_tunnel
 
 NAME = "migration.wan"
 PAGE = 4096
@@ -270,17 +270,15 @@ def vm_sink(a) -> None:
 
 
 class WanMigration:
-    def __init__(self, net, vs_ip: str, add_tunnel: Callable, port: int = 9999,
+    def __init__(self, net, vs_ip: str, port: int = 9999,
                  mport: int = 9400, state_mb: float = 100.0, wws_mb: float = 1.0,
                  dirty_mbps: float = 10.0, stop_mb: float = 1.0, max_rounds: int = 30,
                  tunnel_kind: str = "auto", seed: int = 1, tag: str = ""):
         """vs_ip: the virtual server's address (topologies.wan_migration.VS_IP), a /32
-        outside every link's subnet. add_tunnel(net, a, b, kind=tunnel_kind) makes the
-        tunnel PE_a -> PE_b at signal 1 (testbed.tunnel.add_tunnel): something with
-        peer_ip(node) and remove()."""
+        outside every link's subnet. The tunnel PE_a -> PE_b (testbed.tunnel.add_tunnel,
+        of tunnel_kind) is made at signal 1."""
         self.net = net
         self.vs_ip = vs_ip
-        self.add_tunnel = add_tunnel
         self.port, self.mport = port, mport
         self.state_mb, self.wws_mb, self.dirty_mbps = state_mb, wws_mb, dirty_mbps
         self.stop_mb, self.max_rounds, self.kind, self.seed = stop_mb, max_rounds, tunnel_kind, seed
@@ -331,7 +329,7 @@ class WanMigration:
         n = self._n
         ev: dict = {}
         ev["signal1"] = time.time()
-        self.tunnel = self.add_tunnel(self.net, "pe_a", "pe_b", kind=self.kind)
+        self.tunnel = add_tunnel(self.net, "pe_a", "pe_b", kind=self.kind)
         ev["tunnel_up"] = time.time()
         self.src.signal(signal.SIGUSR1)
         if on_signal:

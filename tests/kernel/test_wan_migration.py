@@ -16,7 +16,7 @@ from testbed.measure.udpprobe import outages
 from testbed.migration.wan import WanMigration
 from testbed.network import Network
 from testbed.process import listening, log_matches
-from testbed.tunnel import add_tunnel, tunnels
+from testbed.tunnel import tunnels
 from topologies import wan_migration
 from topologies.wan_migration import VS_IP
 
@@ -34,7 +34,7 @@ def net():
 
 
 def test_vs_reachable_through_three_signals(net):
-    wm = WanMigration(net, VS_IP, add_tunnel, state_mb=8, wws_mb=1, dirty_mbps=10, tag="kt")
+    wm = WanMigration(net, VS_IP, state_mb=8, wws_mb=1, dirty_mbps=10, tag="kt")
     wm.setup()
     c = net["client"]
     out = os.path.join(net.log_dir, "kt-probe.csv")

@@ -146,7 +146,8 @@ def test_check_config_catches_what_a_hand_written_config_gets_wrong(tmp_path):
 def test_daemon_refuses_a_bad_config_file_in_one_line(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text(json.dumps({"name": "s1"}))
-    p = subprocess.run([sys.executable, "-m", "testbed.failover.hanet_daemon", "--config", str(path)],
+    p = subprocess.run([sys.executable, "-m", "testbed.failover.hanet_daemon",
+                        "--config", str(path)],
                        capture_output=True, text=True, timeout=60,
                        cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert p.returncode == 2

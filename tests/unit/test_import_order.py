@@ -7,9 +7,10 @@ The layers, lowest first (a module may import its own layer and those below it):
 
 `run` (the one command runner) sits in the kernel layer because the kernel objects are
 built with it; the daemon runtime (testbed.daemon) imports nothing of the testbed but
-itself, so every layer may use it (the kernel layer's delay-line control does). A system never imports another system. testbed/ never imports the user's
-topologies/ or experiments/; experiments use the public API, not the kernel layer.
-Every import counts, those inside functions included, and so does a cycle.
+itself, so every layer may use it (the kernel layer's delay-line control does). A system
+never imports another system. testbed/ never imports the user's topologies/ or
+experiments/; experiments use the public API, not the kernel layer. Every import counts,
+those inside functions included, and so does a cycle.
 
 Run as a script on another tree to list its breaches:
     python tests/unit/test_import_order.py /path/to/checkout

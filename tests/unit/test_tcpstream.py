@@ -3,15 +3,15 @@ sender can produce it chunk by chunk and both ends hash the same bytes."""
 
 import pytest
 
-from testbed.measure.tcpstream import _pattern
+from testbed.measure.tcpstream import pattern
 
 
 def test_pattern_words_count_up():
-    assert _pattern(0, 16) == (0).to_bytes(8, "big") + (1).to_bytes(8, "big")
+    assert pattern(0, 16) == (0).to_bytes(8, "big") + (1).to_bytes(8, "big")
 
 
 @pytest.mark.parametrize("offset,n", [(0, 1), (3, 10), (8, 8), (13, 1000), (16383, 3)])
 def test_pattern_slices_are_consistent(offset, n):
-    whole = _pattern(0, offset + n + 16)
-    assert _pattern(offset, n) == whole[offset:offset + n]
-    assert len(_pattern(offset, n)) == n
+    whole = pattern(0, offset + n + 16)
+    assert pattern(offset, n) == whole[offset:offset + n]
+    assert len(pattern(offset, n)) == n
