@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Idempotent set-up for a fresh Debian or Ubuntu machine, as root:
 # the apt packages the testbed drives, and a venv (.venv) with the Python dependencies.
+#
+# The testbed only needs the packages' binaries: the services of the packages this run
+# installs (nginx, frr, keepalived...) are not started during the install (policy-rc.d) and
+# are left disabled and stopped. Packages that were installed before are not touched.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,9 +22,7 @@ for p in "${APT_PACKAGES[@]}"; do
 done
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing apt packages: ${missing[*]}"
-    export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    bash scripts/apt-install.sh "${missing[@]}"
 fi
 
 PY=${PYTHON:-python3}
