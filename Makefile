@@ -15,10 +15,16 @@ FULLKERNEL_FILES := tests/kernel/test_capabilities.py tests/kernel/test_vlans.py
 	tests/e2e/test_link_emulation.py tests/e2e/test_experiments_smoke.py
 FULLKERNEL_TESTS := -m fullkernel --durations=10 $(FULLKERNEL_FILES)
 
-.PHONY: setup reproduce reproduce-full test test-host test-fullkernel test-unit doctor cleanup lint
+.PHONY: setup lock reproduce reproduce-full test test-host test-fullkernel test-unit doctor \
+	cleanup lint
 
+# apt packages (their services left disabled and stopped) and .venv from requirements.lock
 setup:
 	@bash scripts/setup.sh
+
+# refresh requirements.lock (keeps the pins that still fit; UPGRADE=1: every pin to its newest)
+lock:
+	@UPGRADE=$(UPGRADE) bash scripts/lock.sh
 
 reproduce: setup
 	$(TESTBED) reproduce --all --quick
