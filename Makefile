@@ -15,8 +15,8 @@ FULLKERNEL_FILES := tests/kernel/test_capabilities.py tests/kernel/test_vlans.py
 	tests/e2e/test_link_emulation.py tests/e2e/test_experiments_smoke.py
 FULLKERNEL_TESTS := -m fullkernel --durations=10 $(FULLKERNEL_FILES)
 
-.PHONY: setup lock reproduce reproduce-full test test-host test-fullkernel test-unit doctor \
-	cleanup lint
+.PHONY: setup lock check-install reproduce reproduce-full test test-host test-fullkernel \
+	test-unit doctor cleanup lint
 
 # apt packages (their services left disabled and stopped) and .venv from requirements.lock
 setup:
@@ -26,14 +26,19 @@ setup:
 lock:
 	@UPGRADE=$(UPGRADE) bash scripts/lock.sh
 
+# pip install of the checkout (not editable) into a fresh venv outside it, then import every
+# module of testbed from outside it
+check-install:
+	@bash scripts/check-install.sh
+
 reproduce: setup
 	$(TESTBED) reproduce --all --quick
 
 reproduce-full: setup
 	$(TESTBED) reproduce --all --full
 
-# both kernels: this machine's, then Debian's stock kernel in qemu
-test: test-host test-fullkernel
+# both kernels (this machine's, then Debian's stock kernel in qemu), then the install check
+test: test-host test-fullkernel check-install
 
 test-host: setup
 	$(VENV)/bin/ruff check testbed tests experiments topologies
