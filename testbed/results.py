@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -53,6 +54,14 @@ def _versions() -> dict:
             out[pkg] = version(pkg)
         except PackageNotFoundError:
             out[pkg] = None
+    # every package the venv got, transitive ones too, is pinned in the lock: its hash
+    # says which set of versions made the result
+    lock = os.path.join(ROOT, "requirements.lock")
+    try:
+        with open(lock, "rb") as f:
+            out["requirements_lock_sha256"] = hashlib.sha256(f.read()).hexdigest()
+    except OSError:
+        out["requirements_lock_sha256"] = None  # an installed wheel has no lock
     for tool, argv in (("iperf3", ["iperf3", "--version"]), ("ip", ["ip", "-V"])):
         try:
             out[tool] = subprocess.run(argv, capture_output=True, text=True,

@@ -40,6 +40,8 @@ def test_experiment_writes_results(name, tmp_path):
     env = json.loads((out / "env.json").read_text())
     assert env["kernel"] and env["git_commit"] and isinstance(env["git_uncommitted"], list)
     assert env["kernel_delay_backend"] in ("netem", "delayline")
+    # the exact versions: the lock the venv was installed from
+    assert len(env["versions"]["requirements_lock_sha256"]) == 64
     # the machine the numbers came from: cores, load, and the hypervisor's steal
     assert f"{os.cpu_count()} cores" in summary["machine"]
     assert env["steal_pct"] is None or 0 <= env["steal_pct"] <= 100
