@@ -12,16 +12,13 @@ from testbed.errors import SpecError
 from testbed.errors import TestbedError as TBError  # not "Test*": pytest would collect it
 from testbed.network import Network
 from testbed.topology import Topology
+from topologies import pair as pair_topology
 
 pytestmark = pytest.mark.kernel
 
 
 def pair() -> Topology:
-    t = Topology("pair")
-    t.add_host("h1")
-    t.add_host("h2")
-    t.add_link("h1", "h2")
-    return t
+    return pair_topology.build()
 
 
 def parallel() -> Topology:
