@@ -49,8 +49,9 @@ summary)
         total=$((total + secs))
         times+=("$name $(mmss "$secs")")
         if [ "$status" = 0 ]; then verdict=ok; else verdict="FAILED (exit $status)"; failed+=("$name"); fi
-        # pytest's closing line ("== 812 passed, 3 skipped in 700.12s ==") if the tier has one
-        last=$(grep -E '^=+ .*[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' \
+        # pytest's closing line ("== 812 passed, 3 skipped in 700.12s ==", or under -q
+        # "812 passed, 3 skipped in 700.12s (0:11:40)") if the tier has one
+        last=$(grep -E '^(=+ )?[0-9]+ (passed|failed|errors?|skipped|deselected).* in [0-9.]+s' \
                "$DIR/$name.log" 2>/dev/null | tail -n 1 | tr -d '=' | sed 's/^ *//; s/ *$//' || true)
         printf '  %-12s %9s  %s%s\n' "$name" "$(mmss "$secs")" "$verdict" "${last:+   ($last)}"
     done <"$TIERS"

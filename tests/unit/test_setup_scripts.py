@@ -39,6 +39,13 @@ def test_summary_prints_each_tier_and_pytest_closing_line(tmp_path):
     assert "WARNING" not in out.stdout and "FAILED" not in out.stdout
 
 
+def test_summary_reads_the_quiet_closing_line_too(tmp_path):
+    """pytest -q closes without the ===: `836 passed, 8 skipped in 708.08s (0:11:48)`."""
+    run_tiers(tmp_path, ("host", "echo '836 passed, 8 skipped in 708.08s (0:11:48)'"))
+    out = run_testtime(tmp_path, "summary")
+    assert "(836 passed, 8 skipped in 708.08s (0:11:48))" in out.stdout, out.stdout
+
+
 def test_past_the_budget_warns_but_passes(tmp_path):
     run_tiers(tmp_path, ("host", "true"), ("fullkernel", "true"))
     out = run_testtime(tmp_path, "summary", budget_s=-1)
