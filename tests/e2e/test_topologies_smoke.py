@@ -24,8 +24,15 @@ def test_topology_builds_and_hosts_ping(name):
         # a topology whose first and last hosts are apart by design (VLANs) names a pair
         a, b = (net[n] for n in mod.SMOKE_PING) if hasattr(mod, "SMOKE_PING") else \
             (hosts[0], hosts[-1])
-        df = measure.ping(a, b, count=3, interval=0.05)
-        assert df.attrs["received"] == 3, f"{a.name} cannot reach {b.name}"
+        # a topology may lose packets by design (spines_chain: 1 % each way on c-d, so 3
+        # pings all came back only 94 % of the time): there, 10 pings and at least half back
+        # (all but 5 of 10 lost at 2 % per round trip: about 1 in a million)
+        lossy = any(s.loss_pct for ln in topo.plan().links for s in (ln.a_to_b, ln.b_to_a))
+        count = 10 if lossy else 3
+        df = measure.ping(a, b, count=count, interval=0.05)
+        need = count // 2 if lossy else count
+        assert df.attrs["received"] >= need, \
+            f"{a.name} cannot reach {b.name}: {df.attrs['received']} of {count} pings back"
 
 
 def test_mininet_topo_builds_and_pings():
