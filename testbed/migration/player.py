@@ -35,11 +35,8 @@ def body(argv) -> int:
     a = ap.parse_args(argv)
     if a.rate_mbit <= 0 or a.buffer_s <= 0 or a.rebuffer_s <= 0:
         ap.error("--rate-mbit, --buffer-s and --rebuffer-s must be positive")
-    daemon.raise_stop_on_signals()
-    try:
-        return play(a)
-    except daemon.Stop:
-        return 0
+    daemon.raise_stop_on_signals()  # Stop: run_main returns 0
+    return play(a)
 
 
 def play(a) -> int:

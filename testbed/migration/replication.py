@@ -388,11 +388,8 @@ def body(argv) -> int:
     st.add_argument("--dst", required=True, type=daemon.ipv4)
     st.add_argument("--port", type=daemon.port, default=9500)
     a = ap.parse_args(argv)
-    daemon.raise_stop_on_signals()
-    try:
-        return run(a)
-    except daemon.Stop:
-        return 0
+    daemon.raise_stop_on_signals()  # Stop: run_main returns 0
+    return run(a)
 
 
 def run(a) -> int:

@@ -126,6 +126,13 @@ def test_run_main_turns_usage_errors_into_one_line(capsys):
     assert daemon.run_main("thing", lambda argv: 0, []) == 0
 
 
+def test_run_main_ends_cleanly_on_stop():
+    def body(argv):
+        raise daemon.Stop()
+
+    assert daemon.run_main("thing", body, []) == 0
+
+
 def test_daemon_package_imports_nothing_of_the_testbed_but_itself():
     import ast
     import pathlib
