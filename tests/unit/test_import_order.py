@@ -38,7 +38,7 @@ LAYERS = [
     ("network", ["testbed.network", "testbed"]),  # the package root re-exports Network
     ("measure", ["testbed.measure"]),
     ("systems", ["testbed.overlay", "testbed.failover", "testbed.migration", "testbed.mirror",
-                 "testbed.frr"]),
+                 "testbed.frr", "testbed.replication"]),
     ("experiment", ["testbed.results", "testbed.experiment"]),
     ("cli", ["testbed.cli", "testbed.shell"]),
 ]
