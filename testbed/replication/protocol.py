@@ -187,3 +187,24 @@ class Decoder:
         if off:
             del buf[:off]
         return out, len(buf)
+
+
+class OrderHash:
+    """The place of applied actions in the order, and a running SHA-256 over
+    `(ordinal, client_id, client_seq)` of each (u64s): two replicas that applied the same
+    actions in the same order have the same `hexdigest()`. What the baselines (COReL, 2PC)
+    keep instead of a database: the paper's measurements answer the client as soon as
+    the action is ordered."""
+
+    def __init__(self):
+        import hashlib
+        self.ordinal = 0
+        self.h = hashlib.sha256()
+
+    def apply(self, action_id: tuple) -> int:
+        self.ordinal += 1
+        self.h.update(struct.pack("!QQQ", self.ordinal, *action_id))
+        return self.ordinal
+
+    def hexdigest(self) -> str:
+        return self.h.hexdigest()

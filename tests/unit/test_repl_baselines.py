@@ -1,0 +1,196 @@
+"""The baselines: COReL on a tiny fake total-order bus (commit only when every member
+acknowledged, in the agreed order; in-doubt actions on a configuration change answered
+with an error and never applied), and the upper-bound 2PC over loopback UDP (two forced
+writes on the critical path, 3(n-1) unicasts, abort with an error when a participant is
+silent, forged and replayed datagrams dropped)."""
+
+import time
+from dataclasses import dataclass
+
+from testbed.daemon import Loop
+from testbed.poll import wait_until
+from testbed.replication import protocol as p
+from testbed.replication import twopc
+from testbed.replication.corel import COReL
+from testbed.replication.disk import Disk
+from testbed.replication.twopc import TwoPC
+
+KEY = b"k" * 32
+
+
+@dataclass
+class Conf:
+    conf_id: tuple
+    members: tuple
+    transitional: bool = False
+
+
+@dataclass
+class Deliv:
+    sender: int
+    service: int
+    payload: bytes
+    conf_id: tuple
+    in_transitional: bool = False
+
+
+class Bus:
+    """Total order: every multicast is delivered to every connected member in one order."""
+
+    def __init__(self):
+        self.nodes: dict = {}
+        self.queue: list = []
+        self.conf = None
+        self.sent = 0
+
+    def node(self, me):
+        bus = self
+
+        class N:
+            def multicast(self, payload, service):
+                bus.sent += 1
+                bus.queue.append((me, service, payload))
+        return N()
+
+    def install(self, conf_id, members, transitional_members=None):
+        if transitional_members is not None:
+            for m in transitional_members:
+                self.nodes[m].on_event(Conf(conf_id, tuple(transitional_members), True))
+        self.conf = conf_id
+        for m in members:
+            self.nodes[m].on_event(Conf(conf_id, tuple(members)))
+        self.members = members
+
+    def run(self, drop_from=None):
+        while self.queue:
+            sender, service, payload = self.queue.pop(0)
+            if sender == drop_from:
+                continue
+            for m in self.members:
+                self.nodes[m].on_event(Deliv(sender, service, payload, self.conf))
+
+
+def make_corel(tmp_path, n=3, forced=False):
+    bus = Bus()
+    disks = {i: Disk(str(tmp_path / f"log{i}"), forced=forced, extra_latency_s=0)
+             for i in range(1, n + 1)}
+    for i in range(1, n + 1):
+        bus.nodes[i] = COReL(i, range(1, n + 1), bus.node(i), disks[i], service=1)
+    return bus, disks
+
+
+def req(seq, cid=7):
+    return p.Request(cid, seq, p.UPDATE, p.STRICT, b"x" * 200)
+
+
+def test_corel_commits_in_agreed_order_after_every_ack(tmp_path):
+    bus, disks = make_corel(tmp_path, forced=True)
+    bus.install((1, 1, 0), (1, 2, 3))
+    got = []
+    bus.nodes[1].submit(req(1), got.append)
+    bus.nodes[2].submit(req(1, cid=8), got.append)
+    bus.run()  # actions delivered; forced writes not done yet: no acks, no commit
+    assert got == [] and bus.nodes[1].status()["pending"] == 2
+    for d in disks.values():
+        d.flush()
+    assert got == []  # acks multicast but not delivered yet
+    bus.run()
+    assert sorted((r.ok, r.ordinal) for r in got) == [(True, 1), (True, 2)]
+    hashes = {n.status()["hash"] for n in bus.nodes.values()}
+    assert len(hashes) == 1
+    assert all(d.stats()["forced_writes"] == 2 for d in disks.values())
+    assert bus.sent == 2 + 3 * 2  # 2 actions + one ack per action per member
+    for d in disks.values():
+        d.close()
+
+
+def test_corel_refuses_outside_a_primary(tmp_path):
+    bus, disks = make_corel(tmp_path, n=3)
+    bus.install((1, 1, 0), (1,))
+    got = []
+    bus.nodes[1].submit(req(1), got.append)
+    assert not got[0].ok and "not in a primary component" in got[0].reason
+    bus.nodes[1].submit(p.Request(7, 2, p.QUERY, p.WEAK, b"k"), got.append)
+    assert got[1].ok
+    for d in disks.values():
+        d.close()
+
+
+def test_corel_config_change_puts_pending_in_doubt(tmp_path):
+    bus, disks = make_corel(tmp_path, forced=False)
+    bus.install((1, 1, 0), (1, 2, 3))
+    got = []
+    bus.nodes[1].submit(req(1), got.append)
+    bus.run(drop_from=3)  # 3's acknowledgement never arrives: 3 is cut off
+    assert got == [] and bus.nodes[1].status()["pending"] == 1
+    bus.install((2, 1, 0), (1, 2), transitional_members=(1, 2))
+    assert len(got) == 1 and not got[0].ok and "in doubt" in got[0].reason
+    assert bus.nodes[1].status()["applied"] == 0 and bus.nodes[1].status()["in_doubt"] == 1
+    # {1, 2} is a majority of 3: a primary; new actions commit with acks of 1 and 2
+    bus.nodes[2].submit(req(1, cid=9), got.append)
+    bus.run()
+    assert got[1].ok and got[1].ordinal == 1
+    assert bus.nodes[1].status()["hash"] == bus.nodes[2].status()["hash"]
+    for d in disks.values():
+        d.close()
+    # the log shows it: the in-doubt record, then the committed one
+    reopened = COReL(1, (1, 2, 3), bus.node(1), Disk(str(tmp_path / "log1"), forced=False),
+                     service=1)
+    assert reopened.status()["applied"] == 1
+
+
+def make_twopc(tmp_path, loop, ids, port, peers_extra=(), give_up=5.0):
+    peers = {i: f"127.0.0.{i}" for i in list(ids) + list(peers_extra)}
+    out = {}
+    for i in ids:
+        d = Disk(str(tmp_path / f"2pc{i}"), forced=True, extra_latency_s=0.001, loop=loop)
+        out[i] = TwoPC(loop, i, peers, port, KEY, d, retransmit_s=0.05, give_up_s=give_up)
+    return out
+
+
+def test_twopc_commits_with_two_forced_writes_and_counts_unicasts(tmp_path):
+    loop = Loop()
+    reps = make_twopc(tmp_path, loop, (1, 2, 3), 28411)
+    got = []
+    for s in range(1, 4):
+        reps[1].submit(req(s), got.append)
+    wait_until(lambda: (loop.run_once(0.05), len(got) == 3)[1], 10, "3 commits")
+    assert [r.ordinal for r in got] == [1, 2, 3] and all(r.ok for r in got)
+    wait_until(lambda: (loop.run_once(0.05), reps[3].status()["applied"] == 3)[1], 10,
+               "participants applied")
+    st = reps[1].status()
+    assert st["sent"]["prepare"] >= 6 and st["sent"]["commit"] == 6
+    assert reps[2].status()["sent"]["yes"] >= 3
+    assert reps[1].disk.stats()["forced_writes"] == 3  # the decisions
+    assert reps[2].disk.stats()["forced_writes"] == 3  # the prepares
+    assert reps[1].status()["hash"] == reps[2].status()["hash"] == reps[3].status()["hash"]
+    # a forged datagram and a replayed one are dropped and counted
+    now = int(time.time() * 1e6)
+    dg = twopc.encode(KEY, twopc.ABORT, 1, 2, reps[1].inc, 10**6, now,
+                      twopc.TXN.pack(99, reps[1].inc))
+    reps[2].handle(dg[:-1] + bytes([dg[-1] ^ 1]))
+    assert reps[2].status()["drops"] == {"bad_hmac": 1}
+    reps[2].handle(dg)
+    reps[2].handle(dg)
+    assert reps[2].status()["drops"] == {"bad_hmac": 1, "replay": 1}
+    assert reps[2].status()["received"]["abort"] == 1
+    for r in reps.values():
+        r.close()
+        r.disk.close()
+    loop.close()
+
+
+def test_twopc_silent_participant_aborts_with_an_error(tmp_path):
+    loop = Loop()
+    reps = make_twopc(tmp_path, loop, (1, 2), 28412, peers_extra=(4,), give_up=0.3)
+    got = []
+    reps[1].submit(req(1), got.append)
+    wait_until(lambda: (loop.run_once(0.05), len(got) == 1)[1], 10, "abort")
+    assert not got[0].ok and "[4] did not answer PREPARE" in got[0].reason
+    assert reps[1].status()["aborted"] == 1 and reps[1].status()["applied"] == 0
+    wait_until(lambda: (loop.run_once(0.05), reps[2].status()["in_doubt"] == 0)[1], 10,
+               "participant told of the abort")
+    for r in reps.values():
+        r.close()
+        r.disk.close()
+    loop.close()
