@@ -194,3 +194,66 @@ def test_twopc_silent_participant_aborts_with_an_error(tmp_path):
         r.close()
         r.disk.close()
     loop.close()
+
+
+def test_server_client_and_loadgen_over_loopback(tmp_path):
+    """Two 2PC replica servers on 127.0.0.1/2: a ReplicaClient's update gets an ordinal,
+    the load generator writes its results, bad configs are one-line errors, and a killed
+    replica gives ReplicaUnavailable, not a silent loss."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import pytest
+
+    from testbed.daemon import new_key, write_key
+    from testbed.replication.client import ReplicaClient, ReplicaUnavailable
+
+    key = write_key(str(tmp_path / "key"), new_key())
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"id": 1, "algo": "paxos"}))
+    r = subprocess.run([sys.executable, "-m", "testbed.replication.server", str(bad)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "missing key 'peers'" in r.stderr
+    procs = {}
+    for i in (1, 2):
+        cfg = {"id": i, "algo": "2pc", "peers": {"1": "127.0.0.1", "2": "127.0.0.2"},
+               "client_port": 28521, "twopc_port": 28522, "key_file": key,
+               "data_dir": str(tmp_path / f"d{i}"),
+               "disk": {"forced": False, "extra_latency_ms": 8.5},
+               "status_file": str(tmp_path / f"s{i}.json"),
+               "ready_file": str(tmp_path / f"r{i}.ready")}
+        (tmp_path / f"c{i}.json").write_text(json.dumps(cfg))
+        procs[i] = subprocess.Popen([sys.executable, "-m", "testbed.replication.server",
+                                     str(tmp_path / f"c{i}.json")])
+    try:
+        for i in (1, 2):
+            wait_until(lambda i=i: os.path.exists(tmp_path / f"r{i}.ready"), 20,
+                       f"replica {i} ready")
+        with ReplicaClient("127.0.0.2", 28521, timeout=5) as c:
+            assert c.update(b"hello") == (1, b"")
+        out = tmp_path / "load.json"
+        r = subprocess.run([sys.executable, "-m", "testbed.replication.loadgen", "--server",
+                            "127.0.0.1:28521", "--clients", "3", "--seconds", "0.5",
+                            "--out", str(out)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        res = json.loads(out.read_text())
+        assert res["completed"] > 10 and res["errors"] == 0 and res["unavailable"] == 0
+        assert len(res["latencies_ms"]) == res["completed"] and res["latency_mean_ms"] > 0
+        st = json.loads((tmp_path / "s1.json").read_text())
+        assert st["alg"]["state"] == "RegPrim" and "disk" in st
+        c = ReplicaClient("127.0.0.1", 28521, timeout=5)
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].wait(10)
+        with pytest.raises(ReplicaUnavailable, match="127.0.0.1:28521"):
+            c.update(b"lost?")
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.terminate()
+                p.wait(10)
+    assert procs[2].returncode == 0
+    assert not os.path.exists(tmp_path / "r2.ready")  # removed at a clean exit

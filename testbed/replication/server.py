@@ -1,0 +1,349 @@
+"""One replica: `python -m testbed.replication.server CONFIG.json` (on testbed.daemon).
+
+The configuration (JSON; unknown keys are left to the algorithm, which gets the whole dict):
+
+    id            this replica's id (a key of peers)
+    algo          "engine", "corel" or "2pc"
+    peers         {id: IPv4}: every replica that may ever take part
+    gc_port       UDP port of the group communication (engine, COReL)
+    client_port   TCP port the clients connect to (on this replica's peer address, or
+                  client_ip if given)
+    twopc_port    UDP port of 2PC's own messages
+    key_file      the shared HMAC key (hex, testbed.daemon.read_key)
+    data_dir      where the log lives (data_dir/log; created if missing)
+    disk          {"forced": bool, "extra_latency_ms": float}
+    status_file   JSON status, rewritten at most every 0.5 s and at once when the
+                  algorithm's state changes (a configuration event, or its `state`)
+    ready_file    written once the replica serves clients, removed at exit
+    broadcast_ip  the LAN's broadcast address (the group communication's ORDERED)
+    gc_timeouts   optional {name: seconds} for gc.Timeouts
+
+Every bad key is a one-line error (exit 2) before anything is created. The server is a
+Loop: the group communication's socket and timers, the disk's wake-up fd, the client
+listener and connections (non-blocking, many at once; a connection may have several
+requests outstanding, its replies are written as the algorithm produces them). A request
+goes to `alg.submit(req, reply)`; reply() writes the frame if the connection is still
+open (a client that went away gets nothing; its ReplicaClient has raised already).
+
+Algorithms (one interface: submit, on_event, status, close):
+    2pc     twopc.TwoPC(loop, me, peers, twopc_port, key, disk, bind_ip)
+    corel   corel.COReL(me, servers, node, disk, loop)                 on a gc.GroupNode
+    engine  engine.Engine(loop=, me=, servers=, node=, disk=, config=)  on a gc.GroupNode
+            (imported lazily: the constructor the server calls, written down here).
+
+Status: {"id", "algo", "pid", "time", "alg": alg.status(), "disk": disk.stats(),
+"gc": node.status() (engine and COReL), "clients": {connections, requests, replies,
+errors, dropped_replies, protocol_errors}}.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import selectors
+import socket
+import sys
+import time
+from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file, run_main,
+                            write_json_atomic)
+from testbed.replication import protocol
+from testbed.replication.disk import Disk, DiskError
+
+ALGOS = ("engine", "corel", "2pc")
+STATUS_EVERY = 0.5
+REQUIRED = ("id", "algo", "peers", "client_port", "key_file", "data_dir", "disk",
+            "status_file")
+
+
+# configuration --------------------------------------------------------------------------
+
+def _port(cfg: dict, name: str) -> int:
+    v = cfg.get(name)
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 65535:
+        raise UsageError(f"config: {name} must be a port 1-65535, got {v!r}")
+    return v
+
+
+def _ip(v, what: str) -> str:
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except (ValueError, TypeError):
+        raise UsageError(f"config: {what} must be an IPv4 address, got {v!r}") from None
+
+
+def load_config(path: str) -> dict:
+    """The checked configuration (see the module's doc); UsageError on the first problem."""
+    try:
+        with open(path) as f:
+            cfg = json.load(f)
+    except OSError as e:
+        raise UsageError(f"cannot read config {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UsageError(f"config {path} is not JSON: {e}") from None
+    if not isinstance(cfg, dict):
+        raise UsageError(f"config {path} must be a JSON object")
+    for k in REQUIRED:
+        if k not in cfg:
+            raise UsageError(f"config: missing key {k!r}")
+    if cfg["algo"] not in ALGOS:
+        raise UsageError(f"config: algo must be one of {', '.join(ALGOS)}, got "
+                         f"{cfg['algo']!r}")
+    peers = cfg["peers"]
+    if not isinstance(peers, dict) or not peers:
+        raise UsageError("config: peers must be a non-empty {id: ip} object")
+    out = {}
+    for k, v in peers.items():
+        try:
+            i = int(k)
+        except (TypeError, ValueError):
+            raise UsageError(f"config: peer id {k!r} is not an integer") from None
+        if not 1 <= i <= 65535:
+            raise UsageError(f"config: peer id {i} out of 1..65535")
+        out[i] = _ip(v, f"peer {k}'s address")
+    cfg["peers"] = out
+    me = cfg["id"]
+    if isinstance(me, bool) or not isinstance(me, int) or me not in out:
+        raise UsageError(f"config: id {me!r} is not one of the peers {sorted(out)}")
+    _port(cfg, "client_port")
+    if cfg["algo"] == "2pc":
+        _port(cfg, "twopc_port")
+    else:
+        _port(cfg, "gc_port")
+        cfg["broadcast_ip"] = _ip(cfg.get("broadcast_ip"), "broadcast_ip")
+    if "client_ip" in cfg:
+        cfg["client_ip"] = _ip(cfg["client_ip"], "client_ip")
+    disk = cfg["disk"]
+    if not isinstance(disk, dict) or not isinstance(disk.get("forced"), bool):
+        raise UsageError("config: disk must be {\"forced\": true|false, "
+                         "\"extra_latency_ms\": number}")
+    lat = disk.get("extra_latency_ms", 0.0)
+    if isinstance(lat, bool) or not isinstance(lat, (int, float)) or not 0 <= lat <= 10000:
+        raise UsageError(f"config: disk.extra_latency_ms must be 0..10000, got {lat!r}")
+    for k in ("data_dir", "status_file"):
+        if not isinstance(cfg[k], str) or not cfg[k]:
+            raise UsageError(f"config: {k} must be a path")
+    if cfg.get("ready_file") is not None and not isinstance(cfg["ready_file"], str):
+        raise UsageError("config: ready_file must be a path")
+    t = cfg.get("gc_timeouts", {})
+    if not isinstance(t, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                      or v <= 0 for v in t.values()):
+        raise UsageError("config: gc_timeouts must be {name: positive seconds}")
+    return cfg
+
+
+# client connections ---------------------------------------------------------------------
+
+class Connection:
+    """One client's TCP connection: frames in, replies out (buffered when the socket is
+    full)."""
+
+    def __init__(self, server: "Server", sock: socket.socket):
+        self.server, self.sock = server, sock
+        self.decoder = protocol.Decoder()
+        self.out = bytearray()
+        self.open = True
+        sock.setblocking(False)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        server.loop.add(sock, self._ready)
+
+    def _ready(self, mask: int) -> None:
+        if mask & selectors.EVENT_WRITE:
+            self._flush()
+        if mask & selectors.EVENT_READ and self.open:
+            self._read()
+
+    def _read(self) -> None:
+        try:
+            data = self.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return
+        try:
+            msgs, _ = self.decoder.feed(data)
+        except protocol.ProtocolError as e:
+            self.server.counts["protocol_errors"] += 1
+            print(f"replica: closing a client connection: {e}", file=sys.stderr, flush=True)
+            self.close()
+            return
+        for m in msgs:
+            if not isinstance(m, protocol.Request):
+                self.server.counts["protocol_errors"] += 1
+                self.close()
+                return
+            self.server.counts["requests"] += 1
+            self.server.alg.submit(m, self.reply)
+
+    def reply(self, rep: protocol.Reply) -> None:
+        s = self.server.counts
+        s["replies"] += 1
+        if not rep.ok:
+            s["errors"] += 1
+        if not self.open:
+            s["dropped_replies"] += 1
+            return
+        self.out += protocol.encode_reply(rep)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.out:
+            try:
+                k = self.sock.send(self.out)
+            except (BlockingIOError, InterruptedError):
+                break
+            except OSError:
+                self.close()
+                return
+            del self.out[:k]
+        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
+        try:
+            self.server.loop.modify(self.sock, self._ready, events)
+        except (KeyError, ValueError):
+            pass
+
+    def close(self) -> None:
+        if self.open:
+            self.open = False
+            self.server.loop.remove(self.sock)
+            self.sock.close()
+            self.server.conns.discard(self)
+
+
+# the server -----------------------------------------------------------------------------
+
+class Server:
+    def __init__(self, cfg: dict, loop: Loop):
+        self.cfg, self.loop = cfg, loop
+        self.me = cfg["id"]
+        self.key = read_key(cfg["key_file"])
+        os.makedirs(cfg["data_dir"], exist_ok=True)
+        d = cfg["disk"]
+        self.disk = Disk(os.path.join(cfg["data_dir"], "log"), forced=d["forced"],
+                         extra_latency_s=float(d.get("extra_latency_ms", 0.0)) / 1000.0,
+                         loop=loop)
+        self.node = None
+        self.alg = None
+        self.conns: set = set()
+        self.counts = {"connections": 0, "requests": 0, "replies": 0, "errors": 0,
+                       "dropped_replies": 0, "protocol_errors": 0}
+        self.last_state = None
+        self.last_write = 0.0
+        self.alg = self._make_algorithm()
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind((cfg.get("client_ip") or cfg["peers"][self.me],
+                            cfg["client_port"]))
+        self.listener.listen(256)
+        self.listener.setblocking(False)
+        loop.add(self.listener, self._accept)
+        loop.after(STATUS_EVERY, self._status_tick)
+
+    def _make_algorithm(self):
+        cfg, me, peers = self.cfg, self.me, self.cfg["peers"]
+        if cfg["algo"] == "2pc":
+            from testbed.replication.twopc import TwoPC
+            return TwoPC(self.loop, me, peers, cfg["twopc_port"], self.key, self.disk,
+                         bind_ip=peers[me])
+        from testbed.replication.gc import GroupNode, Timeouts
+        self.node = GroupNode(self.loop, me=me, peers=peers, port=cfg["gc_port"],
+                              key=self.key, bind_ip=peers[me],
+                              broadcast_ip=cfg["broadcast_ip"], on_event=self._on_event,
+                              timeouts=Timeouts(**cfg.get("gc_timeouts", {})))
+        if cfg["algo"] == "corel":
+            from testbed.replication.corel import COReL
+            alg = COReL(me, sorted(peers), self.node, self.disk, loop=self.loop)
+        else:
+            from testbed.replication.engine import Engine
+            alg = Engine(loop=self.loop, me=me, servers=sorted(peers), node=self.node,
+                         disk=self.disk, config=cfg)
+        self.alg = alg
+        self.node.start()
+        return alg
+
+    def _on_event(self, ev) -> None:
+        if self.alg is None:
+            return
+        self.alg.on_event(ev)
+        state = getattr(self.alg, "state", None)
+        if not hasattr(ev, "payload") or state != self.last_state:
+            self.last_state = state
+            self.write_status()
+
+    def _accept(self, mask: int) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                return
+            self.counts["connections"] += 1
+            self.conns.add(Connection(self, sock))
+
+    def status(self) -> dict:
+        st = {"id": self.me, "algo": self.cfg["algo"], "pid": os.getpid(),
+              "time": time.time(), "alg": self.alg.status(), "disk": self.disk.stats(),
+              "clients": {**self.counts, "open": len(self.conns)}}
+        if self.node is not None:
+            st["gc"] = self.node.status()
+        return st
+
+    def write_status(self) -> None:
+        self.last_write = time.monotonic()
+        write_json_atomic(self.cfg["status_file"], self.status())
+
+    def _status_tick(self, now: float) -> None:
+        if now - self.last_write >= STATUS_EVERY * 0.9:
+            self.write_status()
+        self.loop.after(STATUS_EVERY, self._status_tick)
+
+    def close(self) -> None:
+        for c in list(self.conns):
+            c.close()
+        self.loop.remove(self.listener)
+        self.listener.close()
+        if self.alg is not None:
+            self.alg.close()
+        if self.node is not None:
+            self.node.close()
+        try:
+            self.write_status()
+        except OSError:
+            pass
+        self.disk.close()
+
+
+def main(argv) -> int:
+    ap = ArgParser("replication.server")
+    ap.add_argument("config", help="the replica's JSON configuration")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    loop = Loop()
+    loop.stop_on_signals()
+    try:
+        server = Server(cfg, loop)
+    except (OSError, DiskError) as e:
+        print(f"replication.server: {e}", file=sys.stderr, flush=True)
+        return 1
+    try:
+        with ready_file(cfg.get("ready_file"), {"id": cfg["id"], "algo": cfg["algo"],
+                                                "client_port": cfg["client_port"]}):
+            server.write_status()
+            loop.run()
+    finally:
+        server.close()
+        loop.close()
+    return 0
+
+
+def run(argv=None) -> int:
+    return run_main("replication.server", main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(run())
+
