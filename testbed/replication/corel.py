@@ -281,7 +281,7 @@ class COReL:
     # the server's interface ----------------------------------------------------------------
     def status(self) -> dict:
         return {"algo": "corel",
-                "state": "closed" if self.closed else ("prim" if self.primary else "nonprim"),
+                "state": "closed" if self.closed else ("RegPrim" if self.primary else "NonPrim"),
                 "primary": self.primary, "members": list(self.members),
                 "conf": str(self.conf_id), "applied": self.order.ordinal,
                 "hash": self.order.hexdigest(), "pending": len(self.pending),

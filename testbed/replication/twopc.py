@@ -297,8 +297,8 @@ class TwoPC:
         """2PC does not use the group communication."""
 
     def status(self) -> dict:
-        return {"algo": "2pc", "state": "closed" if self.closed else "running",
-                "primary": True, "applied": self.order.ordinal,
+        return {"algo": "2pc", "state": "closed" if self.closed else "RegPrim",
+                "primary": True, "members": sorted(self.peers), "applied": self.order.ordinal,
                 "hash": self.order.hexdigest(), "committed": self.committed,
                 "aborted": self.aborted, "pending": len(self.pending),
                 "in_doubt": sum(1 for v in self.prepared.values() if v is not None),
