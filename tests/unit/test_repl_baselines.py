@@ -35,12 +35,15 @@ class Deliv:
 
 
 class Bus:
-    """Total order: every multicast is delivered to every connected member in one order."""
+    """Total order: every multicast is delivered to the connected members in one order
+    (run(only=...) can hold one sender's messages back from some members, as a partition
+    that starts right after they were sent)."""
 
     def __init__(self):
         self.nodes: dict = {}
         self.queue: list = []
         self.conf = None
+        self.members = ()
         self.sent = 0
 
     def node(self, me):
@@ -52,21 +55,26 @@ class Bus:
                 bus.queue.append((me, service, payload))
         return N()
 
-    def install(self, conf_id, members, transitional_members=None):
-        if transitional_members is not None:
-            for m in transitional_members:
-                self.nodes[m].on_event(Conf(conf_id, tuple(transitional_members), True))
+    def install(self, conf_id, members, transitional=None):
+        """A configuration change: messages still queued are lost to everyone (as if
+        their sender had been cut off), then the transitional configurations
+        ({member: its transitional members}), then the regular one, then the exchange."""
+        self.queue.clear()
+        for m, tmembers in (transitional or {}).items():
+            self.nodes[m].on_event(Conf(self.conf, tuple(tmembers), True))
         self.conf = conf_id
+        self.members = tuple(members)
         for m in members:
             self.nodes[m].on_event(Conf(conf_id, tuple(members)))
-        self.members = members
+        self.run()
 
-    def run(self, drop_from=None):
+    def run(self, hold=None):
+        """Deliver everything queued; hold = (sender, {members that miss its messages})."""
         while self.queue:
             sender, service, payload = self.queue.pop(0)
-            if sender == drop_from:
-                continue
             for m in self.members:
+                if hold and sender == hold[0] and m in hold[1]:
+                    continue
                 self.nodes[m].on_event(Deliv(sender, service, payload, self.conf))
 
 
@@ -83,23 +91,28 @@ def req(seq, cid=7):
     return p.Request(cid, seq, p.UPDATE, p.STRICT, b"x" * 200)
 
 
+def st(bus, i):
+    return bus.nodes[i].status()
+
+
 def test_corel_commits_in_agreed_order_after_every_ack(tmp_path):
     bus, disks = make_corel(tmp_path, forced=True)
     bus.install((1, 1, 0), (1, 2, 3))
+    assert all(st(bus, i)["state"] == "RegPrim" for i in (1, 2, 3))
+    sent0 = bus.sent
     got = []
     bus.nodes[1].submit(req(1), got.append)
     bus.nodes[2].submit(req(1, cid=8), got.append)
     bus.run()  # actions delivered; forced writes not done yet: no acks, no commit
-    assert got == [] and bus.nodes[1].status()["pending"] == 2
+    assert got == [] and st(bus, 1)["pending"] == 2
     for d in disks.values():
         d.flush()
     assert got == []  # acks multicast but not delivered yet
     bus.run()
     assert sorted((r.ok, r.ordinal) for r in got) == [(True, 1), (True, 2)]
-    hashes = {n.status()["hash"] for n in bus.nodes.values()}
-    assert len(hashes) == 1
+    assert len({st(bus, i)["hash"] for i in (1, 2, 3)}) == 1
     assert all(d.stats()["forced_writes"] == 2 for d in disks.values())
-    assert bus.sent == 2 + 3 * 2  # 2 actions + one ack per action per member
+    assert bus.sent - sent0 == 2 + 3 * 2  # 2 actions + one ack per action per member
     for d in disks.values():
         d.close()
 
@@ -116,27 +129,50 @@ def test_corel_refuses_outside_a_primary(tmp_path):
         d.close()
 
 
-def test_corel_config_change_puts_pending_in_doubt(tmp_path):
-    bus, disks = make_corel(tmp_path, forced=False)
+def test_corel_in_doubt_action_committed_by_one_is_applied_by_the_new_primary(tmp_path):
+    """1 sees every ack of x and commits it; 2 (x's originator) and 3 miss 3's ack when 1
+    is cut off. x is in doubt at 2 and 3 (2's client gets an error); the new primary
+    {2, 3} applies it in the same place, and after the merge all three agree."""
+    bus, disks = make_corel(tmp_path)
     bus.install((1, 1, 0), (1, 2, 3))
     got = []
-    bus.nodes[1].submit(req(1), got.append)
-    bus.run(drop_from=3)  # 3's acknowledgement never arrives: 3 is cut off
-    assert got == [] and bus.nodes[1].status()["pending"] == 1
-    bus.install((2, 1, 0), (1, 2), transitional_members=(1, 2))
-    assert len(got) == 1 and not got[0].ok and "in doubt" in got[0].reason
-    assert bus.nodes[1].status()["applied"] == 0 and bus.nodes[1].status()["in_doubt"] == 1
-    # {1, 2} is a majority of 3: a primary; new actions commit with acks of 1 and 2
-    bus.nodes[2].submit(req(1, cid=9), got.append)
+    bus.nodes[2].submit(req(1), got.append)
+    bus.run(hold=(3, {2, 3}))
+    assert got == [] and st(bus, 1)["applied"] == 1 and st(bus, 2)["applied"] == 0
+    bus.install((2, 2, 0), (2, 3), transitional={2: (2, 3), 3: (2, 3)})
+    assert not got[0].ok and "outcome unknown" in got[0].reason
+    for i in (2, 3):
+        assert st(bus, i)["state"] == "RegPrim" and st(bus, i)["applied"] == 1
+        assert st(bus, i)["resolved"] == 1
+    assert st(bus, 2)["hash"] == st(bus, 3)["hash"] == st(bus, 1)["hash"]
+    bus.install((3, 1, 0), (1, 2, 3), transitional={1: (1,), 2: (2, 3), 3: (2, 3)})
+    bus.nodes[2].submit(req(2), got.append)
     bus.run()
-    assert got[1].ok and got[1].ordinal == 1
-    assert bus.nodes[1].status()["hash"] == bus.nodes[2].status()["hash"]
+    assert got[-1].ok and got[-1].ordinal == 2
+    assert len({st(bus, i)["hash"] for i in (1, 2, 3)}) == 1
+    assert [st(bus, i)["applied"] for i in (1, 2, 3)] == [2, 2, 2]
     for d in disks.values():
         d.close()
-    # the log shows it: the in-doubt record, then the committed one
-    reopened = COReL(1, (1, 2, 3), bus.node(1), Disk(str(tmp_path / "log1"), forced=False),
+
+
+def test_corel_laggard_gets_the_committed_actions_at_the_merge(tmp_path):
+    bus, disks = make_corel(tmp_path)
+    bus.install((1, 1, 0), (1, 2))
+    got = []
+    for s in range(1, 6):
+        bus.nodes[1 + s % 2].submit(req(s), got.append)
+        bus.run()
+    assert [r.ordinal for r in got] == [1, 2, 3, 4, 5]
+    assert st(bus, 3)["applied"] == 0
+    bus.install((2, 1, 0), (1, 2, 3), transitional={1: (1, 2), 2: (1, 2), 3: (3,)})
+    assert st(bus, 3)["applied"] == 5 and st(bus, 3)["transferred"] == 5
+    assert len({st(bus, i)["hash"] for i in (1, 2, 3)}) == 1
+    for d in disks.values():
+        d.close()
+    reopened = COReL(3, (1, 2, 3), bus.node(3), Disk(str(tmp_path / "log3"), forced=False),
                      service=1)
-    assert reopened.status()["applied"] == 1
+    assert reopened.status()["applied"] == 5
+    assert reopened.status()["hash"] == st(bus, 1)["hash"]
 
 
 def make_twopc(tmp_path, loop, ids, port, peers_extra=(), give_up=5.0):
