@@ -17,6 +17,7 @@ The configuration (JSON; unknown keys are left to the algorithm, which gets the 
     ready_file    written once the replica serves clients, removed at exit
     broadcast_ip  the LAN's broadcast address (the group communication's ORDERED)
     gc_timeouts   optional {name: seconds} for gc.Timeouts
+    weights       optional {id: weight} for the engine's dynamic linear voting
 
 Every bad key is a one-line error (exit 2) before anything is created. The server is a
 Loop: the group communication's socket and timers, the disk's wake-up fd, the client
@@ -28,8 +29,8 @@ open (a client that went away gets nothing; its ReplicaClient has raised already
 Algorithms (one interface: submit, on_event, status, close):
     2pc     twopc.TwoPC(loop, me, peers, twopc_port, key, disk, bind_ip)
     corel   corel.COReL(me, servers, node, disk, loop)                 on a gc.GroupNode
-    engine  engine.Engine(loop=, me=, servers=, node=, disk=, config=)  on a gc.GroupNode
-            (imported lazily: the constructor the server calls, written down here).
+    engine  engine.Engine(me, servers, disk, send, weights=cfg.get("weights"))  on a
+            gc.GroupNode; send(payload, service) is node.multicast (imported lazily).
 
 Status: {"id", "algo", "pid", "time", "alg": alg.status(), "disk": disk.stats(),
 "gc": node.status() (engine and COReL), "clients": {connections, requests, replies,
@@ -125,6 +126,14 @@ def load_config(path: str) -> dict:
             raise UsageError(f"config: {k} must be a path")
     if cfg.get("ready_file") is not None and not isinstance(cfg["ready_file"], str):
         raise UsageError("config: ready_file must be a path")
+    w = cfg.get("weights")
+    if w is not None:
+        try:
+            cfg["weights"] = {int(k): float(v) for k, v in w.items()}
+        except (AttributeError, TypeError, ValueError):
+            raise UsageError("config: weights must be {id: number}") from None
+        if any(i not in out or v <= 0 for i, v in cfg["weights"].items()):
+            raise UsageError("config: weights must give peers positive numbers")
     t = cfg.get("gc_timeouts", {})
     if not isinstance(t, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                       or v <= 0 for v in t.values()):
@@ -258,8 +267,10 @@ class Server:
             alg = COReL(me, sorted(peers), self.node, self.disk, loop=self.loop)
         else:
             from testbed.replication.engine import Engine
-            alg = Engine(loop=self.loop, me=me, servers=sorted(peers), node=self.node,
-                         disk=self.disk, config=cfg)
+            node = self.node
+            alg = Engine(me, sorted(peers), self.disk,
+                         lambda payload, service: node.multicast(payload, service),
+                         weights=cfg.get("weights") or None)
         self.alg = alg
         self.node.start()
         return alg
