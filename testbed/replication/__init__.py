@@ -131,64 +131,74 @@ def check_groups(nodes: list, groups) -> list:
 # reading a status file ------------------------------------------------------------------
 
 def alg_status(st: Optional[dict]) -> dict:
-    """The algorithm's part of a replica's status (engine / COReL / 2PC)."""
+    """The algorithm's part of a replica's status (server.py: status["alg"])."""
     if not st:
         return {}
-    for key in ("alg", "algo_status", "algorithm", "engine"):
-        if isinstance(st.get(key), dict):
-            return st[key]
-    return st
+    return st.get("alg") if isinstance(st.get("alg"), dict) else {}
 
 
 def primary_view(st: Optional[dict]) -> Optional[tuple]:
-    """(state, primary id, attempt, members) as the replica reports them, or None."""
+    """(state, primary index, attempt, members) as the replica reports them, or None.
+    The engine reports its last primary component (prim: index, attempt, members); COReL
+    and 2PC have no numbered primaries: index and attempt are None and the members are
+    those of the current configuration."""
     a = alg_status(st)
     if not a:
         return None
-    prim = a.get("primary")
-    pid = attempt = members = None
+    prim = a.get("prim")
     if isinstance(prim, dict):
-        pid = prim.get("prim_index", prim.get("index", prim.get("id")))
-        attempt = prim.get("attempt_index", prim.get("attempt"))
-        members = prim.get("members")
-    else:
-        pid = prim
-        attempt = a.get("attempt")
-        members = a.get("primary_members", a.get("members"))
-    return (a.get("state"), pid, attempt, tuple(sorted(members)) if members else ())
+        return (a.get("state"), prim.get("index"), prim.get("attempt"),
+                tuple(sorted(prim.get("members") or ())))
+    return (a.get("state"), None, None, tuple(sorted(a.get("members") or ())))
 
 
 def applied_of(st: Optional[dict]) -> Optional[tuple]:
-    """(number of applied actions, running hash) from a status, or None."""
+    """(position in the global order, running hash) from a status, or None: the engine's
+    green ordinal (duplicates included: they take a place in the order and the hash), the
+    baselines' applied ordinal."""
     a = alg_status(st)
     if not a:
         return None
-    counts = a.get("counts") if isinstance(a.get("counts"), dict) else {}
-    n = a.get("applied", counts.get("applied"))
-    h = a.get("hash", a.get("applied_hash", counts.get("hash")))
+    n = a.get("green", a.get("applied"))
     if n is None:
         return None
-    return int(n), h
+    return int(n), a.get("hash")
+
+
+def _total(v) -> float:
+    if isinstance(v, dict):
+        return sum(x for x in v.values() if isinstance(x, (int, float)))
+    return v if isinstance(v, (int, float)) else 0
 
 
 def counters(st: Optional[dict]) -> dict:
-    """Flat numeric counters of a status for per-action accounting: forced_writes
-    (force requests in asynchronous runs), writes, packets_sent, bytes_sent, applied."""
+    """Flat numeric counters of a status for per-action accounting: forced_writes (appends
+    that asked for force: the same count in forced and asynchronous runs), writes,
+    force_seconds, packets sent (the group communication's by kind: data, ordered, ack,
+    nack, membership; 2PC's own), multicasts and unicasts (the packets that carry actions,
+    acknowledgements and retransmissions: heartbeats and membership rounds left out),
+    packets_sent (their sum), bytes sent, applied (position in the order)."""
     if not st:
         return {}
     disk = st.get("disk") or {}
     gc = st.get("gc") or {}
     a = alg_status(st)
     out = {"writes": disk.get("writes", 0),
-           "forced_writes": max(disk.get("forced_writes", 0), disk.get("force_requests", 0)),
+           "forced_writes": disk.get("force_requests", disk.get("forced_writes", 0)),
            "force_seconds": disk.get("force_seconds", 0.0)}
-    sent = gc.get("sent") if isinstance(gc.get("sent"), dict) else {}
-    out["gc_packets_sent"] = gc.get("packets_sent", sum(v for v in sent.values()
-                                                        if isinstance(v, (int, float))))
+    by_kind = gc.get("packets_sent") if isinstance(gc.get("packets_sent"), dict) else {}
+    for kind in ("data", "ordered", "ack", "nack", "membership"):
+        out[f"gc_{kind}"] = by_kind.get(kind, 0)
+    out["gc_packets_sent"] = _total(gc.get("packets_sent", 0))
     out["gc_bytes_sent"] = gc.get("bytes_sent", 0)
-    pk = a.get("packets") if isinstance(a.get("packets"), dict) else {}
-    out["alg_packets_sent"] = pk.get("sent", 0) if pk else a.get("packets_sent", 0)
-    out["packets_sent"] = out["gc_packets_sent"] + out["alg_packets_sent"]
+    out["alg_packets_sent"] = _total(a.get("packets_sent", 0))
+    # per action: what the actions cost (not the heartbeats and membership rounds, which
+    # come with time): the broadcast ORDERED datagrams, and the unicasts (DATA to the
+    # sequencer, ACK, NACK; 2PC's own messages)
+    out["multicasts"] = out["gc_ordered"]
+    out["unicasts"] = (out["gc_data"] + out["gc_ack"] + out["gc_nack"]
+                       + out["alg_packets_sent"])
+    out["packets_sent"] = out["multicasts"] + out["unicasts"]
     applied = applied_of(st)
     out["applied"] = applied[0] if applied else 0
     return out
@@ -388,16 +398,20 @@ class Replicas:
         return {n: applied_of(st) for n, st in self.statuses(nodes).items()}
 
     def wait_converged(self, nodes: Optional[Iterable] = None, timeout: float = 30.0,
-                       at_least: int = 0) -> tuple:
+                       at_least: int = 0, hashes: Optional[bool] = None) -> tuple:
         """Wait until the running replicas among nodes report one same (applied, hash)
-        with at least at_least actions applied; returns it."""
+        with at least at_least actions applied; returns it. hashes=False compares the
+        counts only: the default for the upper-bound 2PC, which (as the paper's) takes no
+        locks, so its replicas may apply concurrent actions in different orders."""
         names = list(self.nodes if nodes is None else nodes)
+        hashes = self.algo != "2pc" if hashes is None else hashes
         seen: dict = {}
 
         def same():
             nonlocal seen
             seen = self.applied_hashes([n for n in names if self.alive(n)])
-            vals = set(seen.values())
+            vals = set(seen.values() if hashes else
+                       ((v[0], None) if v else None for v in seen.values()))
             if len(vals) == 1 and None not in vals and next(iter(vals))[0] >= at_least:
                 return next(iter(vals))
             return None

@@ -126,13 +126,19 @@ def test_groups_must_cover_every_replica_once():
 
 
 def test_status_readers():
-    st = {"alg": {"state": "RegPrim", "primary": {"prim_index": 4, "attempt_index": 2,
-                                                  "members": [3, 1]},
-                  "applied": 17, "hash": "ab"},
+    st = {"alg": {"state": "RegPrim", "primary": True,
+                  "prim": {"index": 4, "attempt": 2, "members": [3, 1]},
+                  "members": [1, 2, 3], "green": 17, "applied": 16, "hash": "ab"},
           "disk": {"writes": 9, "forced_writes": 0, "force_requests": 5},
-          "gc": {"packets_sent": 40}}
+          "gc": {"packets_sent": {"data": 10, "ordered": 30, "ack": 2, "membership": 50},
+                 "bytes_sent": 99}}
     assert primary_view(st) == ("RegPrim", 4, 2, (1, 3))
     assert applied_of(st) == (17, "ab")
     c = counters(st)
-    assert c["forced_writes"] == 5 and c["packets_sent"] == 40 and c["applied"] == 17
+    assert c["forced_writes"] == 5 and c["packets_sent"] == 42 and c["applied"] == 17
+    assert c["multicasts"] == 30 and c["unicasts"] == 12 and c["gc_packets_sent"] == 92
+    twopc = {"alg": {"state": "RegPrim", "members": [2, 1], "applied": 3, "hash": "cd",
+                     "packets_sent": 12}, "disk": {"force_requests": 6}}
+    assert primary_view(twopc) == ("RegPrim", None, None, (1, 2))
+    assert counters(twopc)["packets_sent"] == 12
     assert primary_view(None) is None and applied_of({}) is None
