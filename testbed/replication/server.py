@@ -313,12 +313,12 @@ class Server:
         self.loop.after(STATUS_EVERY, self._status_tick)
 
     def close(self) -> None:
-        for c in list(self.conns):
-            c.close()
         self.loop.remove(self.listener)
         self.listener.close()
         if self.alg is not None:
-            self.alg.close()
+            self.alg.close()  # waiting clients get "shutting down" before their sockets close
+        for c in list(self.conns):
+            c.close()
         if self.node is not None:
             self.node.close()
         try:
