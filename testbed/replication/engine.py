@@ -97,6 +97,9 @@ class Engine(Core):
             self._load_snapshot(snapshot)
             self._append(A.REC_JOIN + snapshot, True)
         self._replay(disk.records())
+        if me not in self.servers and me not in self.left:
+            raise ValueError(f"server {me} is not one of the servers {sorted(servers)} and "
+                             "its disk holds no join snapshot")
 
     @classmethod
     def from_snapshot(cls, me: int, snapshot: bytes, disk, send, **kw) -> "Engine":
@@ -178,16 +181,20 @@ class Engine(Core):
             self.pending.setdefault(a.creator, {})[a.index] = a
             return
         self._accept(a)
-        self._drain(a.creator)
+        self._drain(a.creator, accept=True)
 
-    def _drain(self, creator: int) -> None:
-        """Hold, as red, the pending actions of creator that are now contiguous (a gap is
-        common to every member of a primary, so they all do the same)."""
+    def _drain(self, creator: int, accept: bool = False) -> None:
+        """Hold the pending actions of creator that are now contiguous: as if delivered
+        now (accept: a gap is common to every member of a primary, so they all do the
+        same), or as red (in an exchange)."""
         waiting = self.pending.get(creator)
         while waiting and (self.cut[creator] + 1) in waiting:
             b = waiting.pop(self.cut[creator] + 1)
-            self._hold(b)
-            self.red[b.aid] = None
+            if accept:
+                self._accept(b)
+            else:
+                self._hold(b)
+                self.red[b.aid] = None
 
     def _accept(self, a: A.Action) -> None:
         st = self.state
@@ -243,7 +250,7 @@ class Engine(Core):
             for i in range(lo + 1, hi + 1):
                 aid = (c, i)
                 a = self.bodies.get(aid)
-                if a is None or self.green_of.get(aid, p.green_max + 1) <= p.green_max:
+                if a is None or (self._is_green(aid) and self.green_of.get(aid, 0) <= p.green_max):
                     continue
                 self._send(A.encode_ordinal_action(A.MSG_RETRANS, 0, a))
                 self.counts["retrans"] += 1
@@ -257,9 +264,9 @@ class Engine(Core):
         self.attempt = max(self.attempt, p.attempt - 1)
         if self.vulnerable is not None and self.me not in p.unresolved:
             self.vulnerable = None
-        adopted = [aid for aid in p.yellow if aid not in self.green_of]
+        adopted = [aid for aid in p.yellow if not self._is_green(aid)]
         for aid in old_yellow:
-            if aid not in self.green_of and aid not in adopted:
+            if not self._is_green(aid) and aid not in adopted:
                 self.red[aid] = None
         for aid in adopted:
             self.red.pop(aid, None)

@@ -31,8 +31,6 @@ class Core:
     def __init__(self, me, servers, disk, send, on_reply=None, *, weights=None,
                  on_joined=None, max_payload=1200, trace=None):
         servers = sorted({int(s) for s in servers})
-        if me not in servers:
-            raise ValueError(f"server {me} is not one of the servers {servers}")
         self.me, self.disk, self.send_fn = me, disk, send
         self.on_reply, self.on_joined, self.trace = on_reply, on_joined, trace
         self.weights = dict(weights or {})
@@ -93,6 +91,10 @@ class Core:
 
     def _held(self, aid) -> bool:
         return aid[1] <= self.cut.get(aid[0], 0)
+
+    def _is_green(self, aid) -> bool:
+        """Green here (a creator's green actions are its indexes 1..n: global FIFO)."""
+        return aid[1] <= self.green_cut.get(aid[0], 0)
 
     def _hold(self, a: A.Action, record: bool = True) -> None:
         self.cut[a.creator] = a.index
@@ -316,7 +318,7 @@ class Core:
                 v = meta["vul"]
                 self.vulnerable = None if v is None else (v[0], v[1], tuple(v[2]))
                 self.yellow = [tuple(x) for x in meta["y"]
-                               if self._held(tuple(x)) and tuple(x) not in self.green_of]
+                               if self._held(tuple(x)) and not self._is_green(tuple(x))]
                 for aid in self.yellow:
                     self.red.pop(aid, None)
             self._hold_own_created()

@@ -79,7 +79,7 @@ class Conf:
 
 
 class Sim:
-    def __init__(self, n: int, seed: int, weights=None):
+    def __init__(self, n: int, seed: int, weights=None, max_payload: int = 1200):
         self.rng = random.Random(seed)
         self.initial = list(range(1, n + 1))
         self.next_id = n + 1
@@ -94,7 +94,7 @@ class Sim:
         self.client_seq = 0
         self.joining = {}           # joiner -> {"rep", "offset", "peer", "digest", "data"}
         self.crashed = set()
-        self.weights = weights
+        self.weights, self.max_payload = weights, max_payload
         for p in self.initial:
             self._start(p)
         self.reconfigure([set(self.initial)])
@@ -108,7 +108,7 @@ class Sim:
         def send(payload, service, p=p):
             self._send(p, payload)
 
-        kw = dict(trace=self.traces[p], weights=self.weights)
+        kw = dict(trace=self.traces[p], weights=self.weights, max_payload=self.max_payload)
         if snapshot is not None:
             e = Engine.from_snapshot(p, snapshot, disk, send, **kw)
         else:
@@ -324,9 +324,14 @@ class Sim:
                 assert seen == e.prim[1:], f"two primaries numbered {e.prim[0]}"
         assert len({pr for pr in regprim.values()}) <= 1, f"two primaries at once {regprim}"
 
-    def applied_keys(self):
-        """The client keys of the green actions, in order (checks exactly-once)."""
-        return [self.global_order[o] for o in sorted(self.global_order)]
+    def check_fifo(self):
+        """The global order holds each creator's actions 1, 2, ... in order, each once."""
+        assert sorted(self.global_order) == list(range(1, len(self.global_order) + 1))
+        last = {}
+        for o in sorted(self.global_order):
+            c, i = self.global_order[o]
+            assert i == last.get(c, 0) + 1, f"ordinal {o}: {(c, i)} after {last.get(c)}"
+            last[c] = i
 
     def settle(self, max_steps: int = 200000):
         """Heal the network, recover nobody, and run until quiet with one primary."""
