@@ -3,10 +3,21 @@ Replication"), pure logic: it is driven by the group communication's events exac
 delivers them and never touches a socket or a clock.
 
     eng = Engine(me, servers, disk, send)       # send(payload, service): a gc multicast
+                            # (or node=GroupNode: send = node.multicast); servers: the
+                            # initial servers (the first primary); disk: disk.Disk
     eng.on_event(ev)        # Configuration(conf_id, members, transitional) or
                             # Delivery(sender, service, payload, conf_id, in_transitional)
     eng.submit(req, reply)  # protocol.Request; reply(protocol.Reply) is called once
     eng.status(); eng.close()
+    eng.request_join(r) / eng.request_leave(r)   # PERSISTENT_JOIN / LEAVE
+    eng.snapshot_for(r) -> bytes | None          # the state transfer for joiner r
+    Engine.from_snapshot(r, blob, disk, send)    # the joiner's engine (once; a restart
+                                                 # is Engine(r, servers, disk, send))
+
+Every multicast is SAFE and at most `max_payload` bytes (longer ones go in pieces).
+Optional: weights {id: weight} for the voting, on_joined(r) (called when r's JOIN becomes
+green here: its snapshot is ready), trace (a list: (ordinal, aid, applied) appended per
+green action, for tests).
 
 **Colours.** An action is red when ordered in a component whose primariness is unknown,
 yellow when delivered in the transitional configuration of a primary, green once its
@@ -88,9 +99,18 @@ CONSTRUCT, NO, UN, NON_PRIM = "Construct", "No", "Un", "NonPrim"
 
 
 class Engine(Core):
-    def __init__(self, me: int, servers, disk, send, on_reply=None, *, weights=None,
+    def __init__(self, me: int, servers, disk, send=None, on_reply=None, *, weights=None,
                  on_joined=None, max_payload: int = 1200, snapshot: bytes = None,
-                 trace=None):
+                 trace=None, node=None, loop=None, config=None):
+        """send(payload, service) multicasts through the group communication; `node` (a
+        gc.GroupNode) may stand for it (send = node.multicast). `loop` is not used (the
+        engine is pure); `config` may carry {"weights": {id: weight}}."""
+        if send is None:
+            if node is None:
+                raise ValueError("Engine needs send(payload, service) or a gc node")
+            send = node.multicast
+        if weights is None and config:
+            weights = {int(k): v for k, v in (config.get("weights") or {}).items()}
         super().__init__(me, servers, disk, send, on_reply, weights=weights,
                          on_joined=on_joined, max_payload=max_payload, trace=trace)
         if snapshot is not None:

@@ -376,3 +376,42 @@ def test_snapshot_for_another_server_is_refused():
         Engine.from_snapshot(j + 1, blob, None, None)
     assert sim.engines[1].snapshot_for(j + 5) is None
     assert not sim.engines[1].request_join(j)        # already a server
+
+
+def test_only_the_first_green_join_counts():
+    sim = Sim(3, 12)
+    pump(sim)
+    j = sim.request_join(1)
+    assert sim.engines[2].request_join(j)          # 2 has not ordered 1's JOIN yet
+    pump(sim)
+    joins = [o for o, aid in sorted(sim.global_order.items()) if aid[1] == 1]
+    assert len(joins) == 2                         # both ordered, the second a no-op
+    for e in sim.engines.values():
+        assert e.join_points[j] == joins[0] and j in e.servers
+        assert json.loads(e.snapshot_for(j))["ordinal"] == joins[0]
+
+
+def test_engine_takes_a_gc_node_for_send():
+    class Node:
+        def __init__(self):
+            self.sent = []
+
+        def multicast(self, payload, service):
+            self.sent.append((payload, service))
+
+    class Disk:
+        def records(self):
+            return []
+
+        def append(self, record, force, done=None):
+            if done is not None:
+                done()
+
+    node = Node()
+    e = Engine(me=2, servers=[1, 2], node=node, disk=Disk(), loop=None,
+               config={"weights": {"2": 3}})
+    assert e.weights == {2: 3}
+    e.on_event(type("Conf", (), {"conf_id": 1, "members": (2,), "transitional": False})())
+    assert node.sent and node.sent[0][0][:1] == A.MSG_STATE and node.sent[0][1] == 2
+    with pytest.raises(ValueError, match="needs send"):
+        Engine(1, [1], Disk())
