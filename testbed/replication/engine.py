@@ -44,11 +44,19 @@ it holds the lowest id of those members. The first primary is all the initial se
 **Disk.** The creator forces an action (`a` record) before multicasting it; everything
 else on the normal path is unforced (`g` green / `r` red records, with the body), so the
 forced writes per action are 1/n on average over n servers. The vulnerable record (before
-a CPC) and an install are forced too (once per configuration change). A restarted engine
-replays `disk.records()`: green order and database, red and yellow actions, last primary,
-vulnerability; its own forced actions that it had not seen delivered are held as red (the
-next exchange spreads them). Records written without force survive a process crash (the
-kernel has them); the testbed crashes processes, not machines.
+a CPC), the record before a state message (so the green line it announces is on disk:
+others whiten by it) and an install are forced too (a few per configuration change). A
+restarted engine replays `disk.records()`: green order and database, red and yellow
+actions, last primary, vulnerability; its own forced actions that it had not seen
+delivered are held as red (the next exchange spreads them). The log is a prefix of what
+was appended (disk.Disk has one writer thread): a SIGKILL may lose the unforced tail, never
+a record before a completed forced one. A server that restarts after a crash inside a
+primary is **amnesic** until an exchange with someone who holds that primary's whole order
+(engine_exchange.py): it may have missed green actions (Safe delivery promises them to
+every member unless it crashes), so it must not help form the next primary on its own
+knowledge. Bodies of white actions are dropped at the end of an exchange (green lines are
+learned from state messages); in a long stable primary they stay in memory until the next
+configuration change.
 
 Choices the paper leaves open:
 
@@ -189,7 +197,13 @@ class Engine(Core):
         self.states, self.dones, self.cpcs, self.plan = {}, set(), set(), None
         self._set_state(EXCHANGE_STATES)
         self._hold_own_created()
-        self._send(A.encode_json(A.MSG_STATE, self._state_message()))
+        # forced, so that the green line announced is on disk (others whiten by it)
+        conf = self.conf_id
+        self._write_meta(force=True, done=lambda: self._send_state(conf))
+
+    def _send_state(self, conf) -> None:
+        if not self.closed and self.state == EXCHANGE_STATES and conf == self.conf_id:
+            self._send(A.encode_json(A.MSG_STATE, self._state_message()))
 
     # -- actions ------------------------------------------------------------------------
 
@@ -284,6 +298,9 @@ class Engine(Core):
         self.attempt = max(self.attempt, p.attempt - 1)
         if self.vulnerable is not None and self.me not in p.unresolved:
             self.vulnerable = None
+        if self.amnesic and self.me not in p.amnesic:
+            self.amnesic = False
+        self.in_prim = False
         adopted = [aid for aid in p.yellow if not self._is_green(aid)]
         for aid in old_yellow:
             if not self._is_green(aid) and aid not in adopted:
@@ -291,14 +308,15 @@ class Engine(Core):
         for aid in adopted:
             self.red.pop(aid, None)
         self.yellow = adopted
-        if p.servable:
-            for m in self.members:
-                self.green_lines[m] = max(self.green_lines.get(m, 0), p.green_max)
+        for m, st in self.states.items():
+            if m in self.servers:
+                self.green_lines[m] = max(self.green_lines.get(m, 0), st["g"])
         self._whiten()
         for j in list(self.join_snapshots):
             if j in self.members:
                 del self.join_snapshots[j]
-        can = (p.servable and not p.unresolved and self.db.ordinal == p.green_max
+        can = (p.servable and not p.unresolved and not p.amnesic
+               and self.db.ordinal == p.green_max
                and quorum(self.members, self.prim, self.servers, self.weights))
         if can:
             self.attempt = p.attempt
@@ -339,8 +357,7 @@ class Engine(Core):
         for aid in sorted(self.red):
             self._make_green(self.bodies[aid])
         self.yellow, self.vulnerable, self.attempt = [], None, 0
-        for m in v[2]:
-            self.green_lines[m] = max(self.green_lines.get(m, 0), self.db.ordinal)
+        self.in_prim = True
         self.counts["installs"] += 1
         self._write_meta(force=True)
         self._check_consistent()

@@ -11,6 +11,8 @@ Per server:
   `green_cut` {creator: highest index green} (a joiner's cut at its join point);
 - `red` (an insertion-ordered dict of aids) and `yellow` (a list, in delivery order);
 - `prim` (index, attempt, members) of the last primary; `attempt`; `vulnerable`;
+  `in_prim` (installed a primary and has not finished an exchange since: logged, so a
+  restart knows) and `amnesic` (restarted after a crash inside a primary);
 - `created` {aid: [action, sent]}: this server's actions that are forced on disk but not
   held yet (sent = multicast already).
 """
@@ -42,6 +44,7 @@ class Core:
         self.red, self.yellow = {}, []
         self.prim = (0, 0, tuple(servers))
         self.attempt, self.vulnerable = 0, None
+        self.in_prim = self.amnesic = False
         self.body_base = 0
         self.green_lines = {}
         self.join_snapshots = {}
@@ -81,7 +84,7 @@ class Core:
 
     def _write_meta(self, force: bool, done=None) -> None:
         meta = {"prim": [self.prim[0], self.prim[1], list(self.prim[2])],
-                "att": self.attempt,
+                "att": self.attempt, "ip": self.in_prim, "amn": self.amnesic,
                 "vul": None if self.vulnerable is None else
                 [self.vulnerable[0], self.vulnerable[1], list(self.vulnerable[2])],
                 "y": [list(aid) for aid in self.yellow]}
@@ -195,7 +198,7 @@ class Core:
         return {"g": self.db.ordinal, "gb": self.body_base,
                 "cut": {str(c): n for c, n in self.cut.items()},
                 "prim": [self.prim[0], self.prim[1], list(self.prim[2])],
-                "att": self.attempt,
+                "att": self.attempt, "amn": self.amnesic,
                 "vul": None if v is None else [v[0], v[1], list(v[2])],
                 "y": [list(aid) for aid in self.yellow]}
 
@@ -317,6 +320,8 @@ class Core:
                 self.attempt = meta["att"]
                 v = meta["vul"]
                 self.vulnerable = None if v is None else (v[0], v[1], tuple(v[2]))
+                # crashed inside a primary: others may have green actions it never got
+                self.amnesic = bool(meta["amn"] or meta["ip"])
                 self.yellow = [tuple(x) for x in meta["y"]
                                if self._held(tuple(x)) and not self._is_green(tuple(x))]
                 for aid in self.yellow:
@@ -338,6 +343,7 @@ class Core:
             "white": self.body_base, "pending": sum(map(len, self.pending.values())),
             "applied": self.db.applied, "duplicates": self.db.duplicates,
             "vulnerable": self.vulnerable is not None, "attempt": self.attempt,
+            "amnesic": self.amnesic,
             "hash": self.db.hexdigest(), "counts": dict(self.counts), "disk": st,
         }
 

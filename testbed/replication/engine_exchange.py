@@ -12,6 +12,7 @@ A state message (JSON, one per member, multicast on entering ExchangeStates):
     vul   [index, attempt, members] of the primary it tried to install and whose outcome it
           does not know (vulnerable: sent its CPC, saw no decision), or null
     y     [[creator, index], ...]: its yellow actions, in order
+    amn   amnesic: restarted after a crash inside its last primary (see below)
 
 `plan()` is computed identically at every member (same messages, same order), so every
 decision below is common knowledge of the configuration without another round:
@@ -38,6 +39,18 @@ decision below is common knowledge of the configuration without another round:
   configuration change before all CPCs (case 3), or it resolved V as not installed: in
   each case nobody installed V), or (c) every member of V's set is present and vulnerable
   for V (nobody installed it). Otherwise the configuration may not try to construct.
+- **Amnesia** (`amn`): a server that restarted after a crash inside a primary P (it
+  had installed P and not finished an exchange since) may have missed green actions of P:
+  Safe delivery promises them to every member of P's configuration *unless it crashes*,
+  so they may be green at other members (and unforced log records may have been lost
+  with the process). Dynamic linear voting relies on every quorum holding what P ordered,
+  so an amnesic member blocks a construct until (a) some member's last primary is later
+  than P, or (b) another member of P whose last primary is P and which is not amnesic is
+  present (it delivered all of P's actions, green or yellow), or (c) every member of P is
+  present. Once such an exchange ends, the member has caught up and is no longer
+  amnesic. (Not in the paper's text, which leaves recovery to [2]; without it a recovered
+  member could form the next primary alone, e.g. as the lowest id of a two-member P,
+  without P's last green actions: the simulator finds such runs.)
 - **Attempt**: 1 + the highest attempt index used on top of the adopted primary.
 """
 
@@ -56,7 +69,7 @@ def norm_state(obj: dict) -> dict:
         "g": int(obj["g"]), "gb": int(obj["gb"]),
         "cut": {int(c): int(n) for c, n in obj["cut"].items()},
         "prim": (int(obj["prim"][0]), int(obj["prim"][1]), tuple(obj["prim"][2])),
-        "att": int(obj["att"]),
+        "att": int(obj["att"]), "amn": bool(obj["amn"]),
         "vul": (None if obj["vul"] is None else
                 (int(obj["vul"][0]), int(obj["vul"][1]), tuple(obj["vul"][2]))),
         "y": [tuple(x) for x in obj["y"]],
@@ -73,6 +86,7 @@ class Plan:
     red_to_send: list = field(default_factory=list)       # my (creator, lo, hi) ranges
     yellow: list = field(default_factory=list)            # adopted yellow aids, in order
     unresolved: list = field(default_factory=list)        # members still vulnerable
+    amnesic: list = field(default_factory=list)           # members still amnesic
     attempt: int = 0
 
 
@@ -85,6 +99,16 @@ def vulnerability_resolved(vul: tuple, states: dict) -> bool:
         if s is not None and s["prim"][0] == index - 1 and s["vul"] != vul:
             return True
     return all(x in states and states[x]["vul"] == vul for x in vset)
+
+
+def amnesia_resolved(m: int, states: dict) -> bool:
+    prim = states[m]["prim"]
+    if any(prim_key(s["prim"]) > prim_key(prim) for s in states.values()):
+        return True
+    if any(x != m and x in states and states[x]["prim"] == prim and not states[x]["amn"]
+           for x in prim[2]):
+        return True
+    return all(x in states for x in prim[2])
 
 
 def plan(me: int, states: dict) -> Plan:
@@ -115,6 +139,7 @@ def plan(me: int, states: dict) -> Plan:
     p.yellow = list(states[best]["y"])
     p.unresolved = [m for m in members if states[m]["vul"] is not None
                     and not vulnerability_resolved(states[m]["vul"], states)]
+    p.amnesic = [m for m in members if states[m]["amn"] and not amnesia_resolved(m, states)]
     p.attempt = 1 + max(states[m]["att"] for m in updated)
     return p
 

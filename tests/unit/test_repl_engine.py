@@ -415,3 +415,27 @@ def test_engine_takes_a_gc_node_for_send():
     assert node.sent and node.sent[0][0][:1] == A.MSG_STATE and node.sent[0][1] == 2
     with pytest.raises(ValueError, match="needs send"):
         Engine(1, [1], Disk())
+
+
+def test_server_restarted_inside_a_primary_does_not_form_the_next_one_alone():
+    sim = Sim(3, 13)
+    pump(sim)
+    sim.reconfigure([{1, 3}, {2}])
+    pump(sim)
+    assert states(sim)[1] == states(sim)[3] == "RegPrim"
+    sim.submit(3)
+    force_all(sim, 3)
+    c = sim.confs[sim.conf_of[3]]
+    c.recv.update({1: len(c.queue), 3: len(c.queue)})
+    c.safe[3] = len(c.queue)
+    sim._deliver_upto(c, 3, len(c.queue), False)   # green at 3; 1 crashes before it
+    assert sim.engines[3].db.ordinal == 1 and sim.engines[1].db.ordinal == 0
+    sim.crash(1)
+    sim.recover(1)                                 # alone: the lowest id of {1, 3}
+    pump(sim)
+    e1 = sim.engines[1]
+    assert e1.amnesic and e1.state == "NonPrim" and e1.db.ordinal == 0
+    sim.reconfigure([{1, 3}, {2}])
+    pump(sim)
+    assert states(sim)[1] == "RegPrim" and not e1.amnesic and e1.db.ordinal == 1
+    settled(sim)
