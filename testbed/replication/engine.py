@@ -153,6 +153,12 @@ class Engine(Core):
             else:
                 self._on_regular(ev)
             return
+        try:
+            self._on_delivery(ev)
+        except (A.ActionError, ValueError, KeyError, TypeError, IndexError):
+            self.counts["bad_messages"] += 1     # authenticated by gc: a bug, not an attack
+
+    def _on_delivery(self, ev) -> None:
         payload = self.reasm.feed(ev.sender, ev.payload)
         if payload is None:
             return

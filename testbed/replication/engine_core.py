@@ -57,7 +57,8 @@ class Core:
         self.closed = self.replaying = False
         self.counts = {k: 0 for k in ("sent", "sent_bytes", "delivered", "writes", "forced",
                                       "forced_actions", "retrans", "installs",
-                                      "duplicate_deliveries", "transitions")}
+                                      "duplicate_deliveries", "transitions",
+                                      "bad_messages")}
 
     # -- plumbing -------------------------------------------------------------------------
 

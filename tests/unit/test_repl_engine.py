@@ -439,3 +439,18 @@ def test_server_restarted_inside_a_primary_does_not_form_the_next_one_alone():
     pump(sim)
     assert states(sim)[1] == "RegPrim" and not e1.amnesic and e1.db.ordinal == 1
     settled(sim)
+
+
+def test_malformed_messages_are_counted_and_dropped():
+    sim = Sim(2, 14)
+    pump(sim)
+    e = sim.engines[1]
+    conf = sim.confs[sim.conf_of[1]].cid
+    for junk in (b"A\x09", b"T\x00", b"F\x00", b"S{not json"):   # S: not read in RegPrim
+        e.on_event(sim_delivery(2, junk, conf))
+    assert e.counts["bad_messages"] == 3 and e.state == "RegPrim"
+
+
+def sim_delivery(sender, payload, conf):
+    from evs_sim import Delivery
+    return Delivery(sender, 2, payload, conf, False)
