@@ -31,7 +31,7 @@ import time
 import pytest
 
 from testbed import poll
-from testbed.errors import SpecError
+from testbed.errors import SpecError, TestbedError
 from testbed.network import Network
 from testbed.replication import db, protocol, start_replicas
 from testbed.replication.client import ReplicaError, ReplicaUnavailable
@@ -300,13 +300,15 @@ def events_then_check(rs, workers, sampler) -> None:
         def ok(comps=comps) -> bool:
             nonlocal why
             good, why = settled(rs, comps)
-            return good and not sampler.failure
+            return good
 
         try:
-            poll.wait_until(ok, 20, "settled", interval=0.02)
+            poll.wait_until(ok, 20, "settled", interval=0.02,
+                            abort=lambda: sampler.failure or None)
         except poll.WaitTimeout:
             pytest.fail(f"event {i} ({kind}, groups {groups}, down {sorted(down)}): {why}")
-        assert not sampler.failure, sampler.failure
+        except TestbedError as e:
+            pytest.fail(f"event {i} ({kind}, groups {groups}, down {sorted(down)}): {e}")
     # stable: everyone back and connected
     rs.heal()
     for n in sorted(down):
