@@ -19,6 +19,24 @@ The configuration (JSON; unknown keys are left to the algorithm, which gets the 
     gc_timeouts   optional {name: seconds} for gc.Timeouts
     weights       optional {id: weight} for the engine's dynamic linear voting
 
+Joins and leaves (engine only; transfer.py has the protocol):
+    servers           optional [id, ...]: the initial servers (the first primary; default
+                      every peer). A peer outside it can only come in by PERSISTENT_JOIN.
+    join_via          optional [IPv4, ...]: start as a joiner: fetch this server's snapshot
+                      from these members (round robin) and only then build the engine and
+                      start the group communication. Ignored once the disk holds the join
+                      (a restarted joiner recovers from its log).
+    transfer_port     TCP port of the state transfer (default client_port + 1); every
+                      engine server listens on it (its peer address) as a transfer source
+    transfer_chunk    bytes per chunk (default 65536)
+    transfer_pace_ms  one chunk per this many ms (default 0: as fast as TCP takes them); a
+                      test knob to make a transfer last long enough to cut it
+    transfer_timeout  seconds without a frame before a joiner tries the next member (3)
+    control_socket    UNIX datagram socket (testbed.daemon.control; default data_dir/ctl):
+                      {"op": "leave", "server": id} issues PERSISTENT_LEAVE(id) here,
+                      {"op": "join", "server": id} PERSISTENT_JOIN(id), {"op": "status"};
+                      the reply is {"ok": bool, "error": reason} (+ "status")
+
 Every bad key is a one-line error (exit 2) before anything is created. The server is a
 Loop: the group communication's socket and timers, the disk's wake-up fd, the client
 listener and connections (non-blocking, many at once; a connection may have several
@@ -34,7 +52,11 @@ Algorithms (one interface: submit, on_event, status, close):
 
 Status: {"id", "algo", "pid", "time", "alg": alg.status(), "disk": disk.stats(),
 "gc": node.status() (engine and COReL), "clients": {connections, requests, replies,
-errors, dropped_replies, protocol_errors}}.
+errors, dropped_replies, protocol_errors}, "transfer": the member side's counters (engine),
+"join": the joiner's progress (phase connecting / hello / waiting / transfer / done, peer,
+offset, size, sources [{peer, from, to}], seconds) when started with join_via}. While a
+joiner has no engine, "alg" is {"state": "Joining", "servers": []} and clients get
+errors.
 """
 
 from __future__ import annotations
@@ -46,8 +68,8 @@ import selectors
 import socket
 import sys
 import time
-from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file, run_main,
-                            write_json_atomic)
+from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file,
+                            remove_quietly, run_main, write_json_atomic)
 from testbed.replication import protocol
 from testbed.replication.disk import Disk, DiskError
 
@@ -55,6 +77,10 @@ ALGOS = ("engine", "corel", "2pc")
 STATUS_EVERY = 0.5
 REQUIRED = ("id", "algo", "peers", "client_port", "key_file", "data_dir", "disk",
             "status_file")
+
+
+def _log(msg: str) -> None:
+    print(f"replica: {msg}", file=sys.stderr, flush=True)
 
 
 # configuration --------------------------------------------------------------------------
@@ -138,7 +164,48 @@ def load_config(path: str) -> dict:
     if not isinstance(t, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
                                       or v <= 0 for v in t.values()):
         raise UsageError("config: gc_timeouts must be {name: positive seconds}")
+    _check_join_keys(cfg, out)
     return cfg
+
+
+def _number(cfg: dict, name: str, lo: float, hi: float, default):
+    v = cfg.get(name, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+        raise UsageError(f"config: {name} must be a number {lo:g}..{hi:g}, got {v!r}")
+    return v
+
+
+def _check_join_keys(cfg: dict, peers: dict) -> None:
+    engine = cfg["algo"] == "engine"
+    for k in ("servers", "join_via"):
+        if k in cfg and not engine:
+            raise UsageError(f"config: {k} is for algo engine only")
+    s = cfg.get("servers")
+    if s is not None:
+        if not isinstance(s, list) or not s or any(
+                isinstance(i, bool) or not isinstance(i, int) or i not in peers for i in s):
+            raise UsageError(f"config: servers must be a non-empty list of peer ids, got {s!r}")
+        cfg["servers"] = sorted(set(s))
+    via = cfg.get("join_via")
+    if via is not None:
+        if not isinstance(via, list) or not via:
+            raise UsageError("config: join_via must be a non-empty list of IPv4 addresses")
+        cfg["join_via"] = [_ip(v, "a join_via address") for v in via]
+        if cfg["id"] in cfg.get("servers", peers):
+            raise UsageError(f"config: join_via: server {cfg['id']} is one of the initial "
+                             "servers (set servers without it)")
+    if "transfer_port" in cfg:
+        _port(cfg, "transfer_port")
+    else:
+        cfg["transfer_port"] = cfg["client_port"] % 65535 + 1
+    if engine and cfg["transfer_port"] in (cfg["client_port"], cfg["gc_port"]):
+        raise UsageError("config: transfer_port must differ from client_port and gc_port")
+    cfg["transfer_chunk"] = int(_number(cfg, "transfer_chunk", 1, 1 << 20, 65536))
+    cfg["transfer_pace_ms"] = _number(cfg, "transfer_pace_ms", 0, 10000, 0)
+    cfg["transfer_timeout"] = _number(cfg, "transfer_timeout", 0.1, 3600, 3.0)
+    c = cfg.get("control_socket")
+    if c is not None and (not isinstance(c, str) or not c):
+        raise UsageError("config: control_socket must be a path")
 
 
 # client connections ---------------------------------------------------------------------
@@ -185,7 +252,7 @@ class Connection:
                 self.close()
                 return
             self.server.counts["requests"] += 1
-            self.server.alg.submit(m, self.reply)
+            self.server.submit(m, self.reply)
 
     def reply(self, rep: protocol.Reply) -> None:
         s = self.server.counts
@@ -241,7 +308,20 @@ class Server:
                        "dropped_replies": 0, "protocol_errors": 0}
         self.last_state = None
         self.last_write = 0.0
-        self.alg = self._make_algorithm()
+        self.transfer = self.joiner = self.ctl = None
+        if cfg["algo"] == "engine":
+            from testbed.replication.transfer import Joiner, TransferService
+            self.transfer = TransferService(
+                loop, self.key, cfg["peers"][self.me], cfg["transfer_port"],
+                lambda: self.alg, chunk=cfg["transfer_chunk"],
+                pace=cfg["transfer_pace_ms"] / 1000.0, log=_log)
+            if cfg.get("join_via") and not self._disk_has_join():
+                self.joiner = Joiner(loop, self.key, self.me, cfg["join_via"],
+                                     cfg["transfer_port"], self._joined,
+                                     timeout=cfg["transfer_timeout"], log=_log)
+        if self.joiner is None:
+            self.alg = self._make_algorithm()
+        self._bind_control()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((cfg.get("client_ip") or cfg["peers"][self.me],
@@ -251,7 +331,17 @@ class Server:
         loop.add(self.listener, self._accept)
         loop.after(STATUS_EVERY, self._status_tick)
 
-    def _make_algorithm(self):
+    def _disk_has_join(self) -> bool:
+        from testbed.replication.actions import REC_JOIN
+        return any(rec[:1] == REC_JOIN for rec in self.disk.records())
+
+    def _joined(self, snapshot: bytes) -> None:
+        """The joiner's transfer is complete: the engine from the snapshot, then the group
+        communication (a joiner is never in a configuration before it has an engine)."""
+        self.alg = self._make_algorithm(snapshot)
+        self.write_status()
+
+    def _make_algorithm(self, snapshot: bytes = None):
         cfg, me, peers = self.cfg, self.me, self.cfg["peers"]
         if cfg["algo"] == "2pc":
             from testbed.replication.twopc import TwoPC
@@ -268,9 +358,13 @@ class Server:
         else:
             from testbed.replication.engine import Engine
             node = self.node
-            alg = Engine(me, sorted(peers), self.disk,
-                         lambda payload, service: node.multicast(payload, service),
-                         weights=cfg.get("weights") or None)
+            send = lambda payload, service: node.multicast(payload, service)  # noqa: E731
+            kw = {"weights": cfg.get("weights") or None,
+                  "on_joined": self.transfer.on_joined}
+            if snapshot is not None:
+                alg = Engine.from_snapshot(me, snapshot, self.disk, send, **kw)
+            else:
+                alg = Engine(me, cfg.get("servers") or sorted(peers), self.disk, send, **kw)
         self.alg = alg
         self.node.start()
         return alg
@@ -283,6 +377,61 @@ class Server:
         if not hasattr(ev, "payload") or state != self.last_state:
             self.last_state = state
             self.write_status()
+
+    def submit(self, req, reply) -> None:
+        if self.alg is None:
+            self.counts["errors"] += 1
+            reply(protocol.error_reply(req.client_seq, "this replica is still joining"))
+            return
+        self.alg.submit(req, reply)
+
+    # the control socket -------------------------------------------------------------------
+
+    def _bind_control(self) -> None:
+        from testbed.daemon.control import bind_control
+        path = self.cfg.get("control_socket") or os.path.join(self.cfg["data_dir"], "ctl")
+        self.ctl = bind_control(path)
+        self.ctl_path = path
+        self.loop.add(self.ctl, self._control)
+
+    def _control(self, mask: int) -> None:
+        for _ in range(16):
+            try:
+                data, addr = self.ctl.recvfrom(65536)
+            except OSError:
+                return
+            try:
+                msg = json.loads(data)
+                if not isinstance(msg, dict):
+                    raise ValueError("a control request is a JSON object")
+                rep = self._control_op(msg)
+            except (ValueError, TypeError, KeyError) as e:
+                rep = {"ok": False, "error": f"bad request: {e}"}
+            if addr:
+                try:
+                    self.ctl.sendto(json.dumps(rep).encode(), addr)
+                except OSError:
+                    pass
+
+    def _control_op(self, msg: dict) -> dict:
+        op = msg.get("op")
+        if op == "status":
+            return {"ok": True, "status": self.status()}
+        if op not in ("leave", "join"):
+            raise ValueError(f"unknown op {op!r}")
+        sid = msg["server"]
+        if isinstance(sid, bool) or not isinstance(sid, int):
+            raise ValueError(f"server must be an id, got {sid!r}")
+        if self.alg is None or not hasattr(self.alg, "request_leave"):
+            return {"ok": False, "error": "this replica runs no engine (yet)"}
+        if op == "leave":
+            ok = self.alg.request_leave(sid)
+            why = f"{sid} is not a server here"
+        else:
+            ok = sid in self.cfg["peers"] and self.alg.request_join(sid)
+            why = f"{sid} is not a peer, or a server already, or left"
+        _log(f"control: {op} {sid}: {'issued' if ok else why}")
+        return {"ok": True} if ok else {"ok": False, "error": why}
 
     def _accept(self, mask: int) -> None:
         for _ in range(64):
@@ -297,10 +446,16 @@ class Server:
 
     def status(self) -> dict:
         st = {"id": self.me, "algo": self.cfg["algo"], "pid": os.getpid(),
-              "time": time.time(), "alg": self.alg.status(), "disk": self.disk.stats(),
+              "time": time.time(), "disk": self.disk.stats(),
+              "alg": self.alg.status() if self.alg is not None else
+              {"state": "Joining", "servers": []},
               "clients": {**self.counts, "open": len(self.conns)}}
         if self.node is not None:
             st["gc"] = self.node.status()
+        if self.transfer is not None:
+            st["transfer"] = self.transfer.status()
+        if self.joiner is not None:
+            st["join"] = self.joiner.status()
         return st
 
     def write_status(self) -> None:
@@ -315,6 +470,14 @@ class Server:
     def close(self) -> None:
         self.loop.remove(self.listener)
         self.listener.close()
+        if self.ctl is not None:
+            self.loop.remove(self.ctl)
+            self.ctl.close()
+            remove_quietly(self.ctl_path)
+        if self.joiner is not None:
+            self.joiner.close()
+        if self.transfer is not None:
+            self.transfer.close()
         if self.alg is not None:
             self.alg.close()  # waiting clients get "shutting down" before their sockets close
         for c in list(self.conns):
