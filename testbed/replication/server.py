@@ -390,7 +390,11 @@ class Server:
     def _bind_control(self) -> None:
         from testbed.daemon.control import bind_control
         path = self.cfg.get("control_socket") or os.path.join(self.cfg["data_dir"], "ctl")
-        self.ctl = bind_control(path)
+        try:
+            self.ctl = bind_control(path)
+        except OSError as e:            # e.g. a path too long for AF_UNIX: serve without
+            _log(f"no control socket: {e}")
+            return
         self.ctl_path = path
         self.loop.add(self.ctl, self._control)
 

@@ -126,8 +126,10 @@ class Reader:
 class _Stream:
     """A non-blocking TCP socket on the loop: queued writes, reads to on_data."""
 
-    def __init__(self, loop, sock, on_data: Callable, on_close: Callable):
+    def __init__(self, loop, sock, on_data: Callable, on_close: Callable,
+                 on_drain: Optional[Callable] = None):
         self.loop, self.sock, self.on_data, self.on_close = loop, sock, on_data, on_close
+        self.on_drain = on_drain            # called when a write event emptied the queue
         self.out = bytearray()
         self.open = True
         sock.setblocking(False)
@@ -136,6 +138,8 @@ class _Stream:
     def _ready(self, mask: int) -> None:
         if mask & selectors.EVENT_WRITE:
             self.flush()
+            if self.open and not self.out and self.on_drain is not None:
+                self.on_drain()
         if mask & selectors.EVENT_READ and self.open:
             try:
                 data = self.sock.recv(65536)
@@ -188,7 +192,9 @@ class _Serve:
         self.blob, self.pos, self.seq = None, 0, 0
         self.done = False
         self.last_wait = 0.0
-        self.stream = _Stream(svc.loop, sock, self._data, self._closed)
+        self.stream = _Stream(svc.loop, sock, self._data, self._closed,
+                              on_drain=None if svc.pace > 0 else
+                              lambda: self.tick(time.monotonic()))
 
     def _send(self, ftype: int, body: bytes = b"") -> None:
         self.stream.send(encode(self.svc.key, self.reader.nonce, ftype, self.seq, body))

@@ -7,7 +7,8 @@ small chunks, one every few ms) so that r1 can be SIGKILLed in the middle of it:
 joiner must go on from r2 at the same offset (the snapshot is the same bytes at every
 member), end with the same applied hash as r2 and r3, take part in the next primary and
 order new actions. Then r2 issues PERSISTENT_LEAVE for the dead r1 (over its control
-socket): once green, no replica counts r1 among the servers (the voters).
+socket): once green, no replica counts r1 among the servers (the voters). Last, the
+joiner is SIGKILLed and restarted: it recovers from its own log (no second transfer).
 """
 
 from __future__ import annotations
@@ -85,3 +86,11 @@ def test_join_resumes_from_another_member_and_leave_removes_a_voter(lan):
     poll.wait_until(lambda: all(rs.status(n)["alg"]["servers"] == [2, 3, 4]
                                 for n in ("r2", "r3", "r4")), 20, "r1 gone everywhere")
     rs.wait_primary(["r2", "r3", "r4"])
+
+    rs.crash("r4")                               # a joiner restarts from its own log
+    rs.recover("r4")
+    st = poll.wait_until(lambda: rs.status("r4"), 10, "r4's status")
+    assert "join" not in st and st["alg"]["state"] != "Joining"   # no second transfer
+    rs.wait_primary(["r2", "r3", "r4"])
+    last = rs.wait_converged(["r2", "r3", "r4"], at_least=after[0])
+    assert rs.status("r4")["alg"]["servers"] == [2, 3, 4] and last[0] >= after[0]

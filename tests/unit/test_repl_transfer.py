@@ -202,3 +202,16 @@ def test_server_join_keys(tmp_path):
         with pytest.raises(UsageError, match=msg) as e:
             load_config(base_config(tmp_path, **extra))
         assert "\n" not in str(e.value)
+
+
+def test_unpaced_transfer_of_megabytes(loop):
+    port = free_port()
+    blob = bytes(range(256)) * (12 * 1024)                # 3 MiB
+    svc = member(loop, "127.0.0.1", port, FakeEngine(blob), chunk=65536)
+    got = []
+    t0 = time.monotonic()
+    joiner(loop, ["127.0.0.1"], port, got)
+    run(loop, lambda: got, timeout=10)
+    assert got == [blob] and svc.counts["served"] == 1
+    assert time.monotonic() - t0 < 5                    # not paced by the 0.2 s tick
+    svc.close()
