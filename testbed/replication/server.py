@@ -47,8 +47,10 @@ open (a client that went away gets nothing; its ReplicaClient has raised already
 Algorithms (one interface: submit, on_event, status, close):
     2pc     twopc.TwoPC(loop, me, peers, twopc_port, key, disk, bind_ip)
     corel   corel.COReL(me, servers, node, disk, loop)                 on a gc.GroupNode
-    engine  engine.Engine(me, servers, disk, send, weights=cfg.get("weights"))  on a
-            gc.GroupNode; send(payload, service) is node.multicast (imported lazily).
+    engine  engine.Engine(me, servers, disk, send, weights=cfg.get("weights"),
+            on_joined=transfer.on_joined) on a gc.GroupNode; send(payload, service) is
+            node.multicast (imported lazily); a joiner's is Engine.from_snapshot(...),
+            built when its transfer completes, and only then is its GroupNode started.
 
 Status: {"id", "algo", "pid", "time", "alg": alg.status(), "disk": disk.stats(),
 "gc": node.status() (engine and COReL), "clients": {connections, requests, replies,
