@@ -1,8 +1,12 @@
 """ReplicaClient: the client library of the replicated database (TCP, protocol.py).
 
     with ReplicaClient("10.120.0.11", 8310, timeout=10) as c:
-        ordinal, result = c.update(b"...", semantics="strict")
-        ordinal, value = c.query(b"key", kind="consistent")
+        ordinal = c.set(b"x", b"42")            # strict: answered once globally ordered
+        c.add(b"stock", -3)                      # commutative: answered in any component
+        c.ts_set(b"pos", b"12,7", ts=1700)       # timestamp: the newest timestamp wins
+        c.get(b"x", kind="consistent")           # or "weak" (green state), "dirty":
+            # {"value": b"42", "counter": 0, "ts": None, "ts_value": None}
+        ordinal, result = c.update(payload, semantics="strict")   # a raw action payload
 
 One request at a time per client (the paper's clients are closed-loop); the load generator
 (loadgen.py) drives many clients from one process with the same frames. Every failure is
@@ -20,13 +24,14 @@ client_seq) is each action's identity.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import struct
 import time
 
 from testbed.errors import TestbedError
-from testbed.replication import protocol
+from testbed.replication import db, protocol
 
 
 class ReplicaUnavailable(TestbedError):
@@ -120,6 +125,32 @@ class ReplicaClient:
             raise ValueError(f"semantics must be one of {', '.join(protocol.UPDATE_SEMANTICS)}")
         return self._result(self.request(protocol.UPDATE, semantics, payload))
 
+    # the key-value database's operations (db.py) --------------------------------------
+    def set(self, key, value: bytes) -> int:
+        """A strict update: key = value. Returns the action's ordinal in the global order."""
+        return self.update(db.encode_update(db.STRICT, _b(key), bytes(value)))[0]
+
+    def add(self, key, delta: int) -> int:
+        """A commutative update: key += delta (answered once delivered, in any component;
+        returns 0, the ordinal it will get is not known yet)."""
+        return self.update(db.encode_update(db.COMMUTATIVE, _b(key), int(delta)),
+                           protocol.COMMUTATIVE)[0]
+
+    def ts_set(self, key, value: bytes, ts: int) -> int:
+        """A timestamp update: key = value unless the key holds a newer timestamp."""
+        return self.update(db.encode_update(db.TIMESTAMP, _b(key), bytes(value), int(ts)),
+                           protocol.TIMESTAMP)[0]
+
+    def get(self, key, kind: str = protocol.CONSISTENT) -> dict:
+        """What the database holds under key, read with the query semantics kind: its
+        strict value (bytes or None), its counter (the sum of the commutative updates) and
+        its newest timestamp update (ts and ts_value, or None)."""
+        out = json.loads(self.query(_b(key), kind)[1])
+        for f in ("value", "ts_value"):
+            if out.get(f) is not None:
+                out[f] = bytes.fromhex(out[f])
+        return out
+
     def query(self, key: bytes, kind: str = protocol.CONSISTENT) -> tuple:
         """(ordinal of the state read, result)."""
         if kind not in protocol.QUERY_SEMANTICS:
@@ -127,3 +158,7 @@ class ReplicaClient:
         if isinstance(key, str):
             key = key.encode()
         return self._result(self.request(protocol.QUERY, kind, key))
+
+
+def _b(key) -> bytes:
+    return key.encode() if isinstance(key, str) else bytes(key)
