@@ -191,6 +191,7 @@ def counters(st: Optional[dict]) -> dict:
         out[f"gc_{kind}"] = by_kind.get(kind, 0)
     out["gc_packets_sent"] = _total(gc.get("packets_sent", 0))
     out["gc_bytes_sent"] = gc.get("bytes_sent", 0)
+    out["configurations"] = gc.get("configurations", 0)
     out["alg_packets_sent"] = _total(a.get("packets_sent", 0))
     # per action: what the actions cost (not the heartbeats and membership rounds, which
     # come with time): the broadcast ORDERED datagrams, and the unicasts (DATA to the
