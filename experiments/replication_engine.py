@@ -278,6 +278,13 @@ def _best(df, algo, disk, n):
     return g.loc[g["throughput"].idxmax()] if len(g) else None
 
 
+def disk_rate(row, ctx) -> float:
+    """Forced writes a second one replica's disk allows: from the point's mean forced write
+    (queueing in the writer thread included), else fsync + extra latency."""
+    ms = row.get("force_ms")
+    return 1000 / ms if ms and ms == ms else ctx.params["disk_bound_per_replica"]
+
+
 def claims(ctx) -> None:
     df = pd.DataFrame(ctx.rows)
     n, small = ctx.params["replicas"], ctx.params["small_replicas"]
@@ -295,7 +302,7 @@ def claims(ctx) -> None:
              f"{be['cpu_busy_pct']} % busy (replica servers {be['servers_cpu_pct']} % of both "
              f"cores) and the busiest replica's disk {be['disk_busy_max_pct']} % busy: "
              + ("the engine is CPU-bound here, not disk-bound (its disks allow about "
-                f"{n} x {ctx.params['disk_bound_per_replica']:g} actions/s)" if cpu_bound
+                f"{n} x {disk_rate(be, ctx):.0f} actions/s)" if cpu_bound
                 else "the engine is not CPU-bound at this point")
              + (f". The sequencer replica r1 under cProfile at that load (main thread; "
                 f"the profiler slows it): {'; '.join(prof[:6])}" if prof else ""))
@@ -442,8 +449,8 @@ def plot(ctx) -> None:
     plt.close(fig)
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    g = df[df["replicas"] == n].groupby("algo")[["forced_per_action",
-                                                 "packets_per_action"]].median()
+    g = df[df["replicas"] == n].groupby("algo")[["forced_per_action", "multicasts_per_action",
+                                                 "unicasts_per_action"]].median()
     g = g.reindex([a for a in ALGOS if a in g.index])
     want = {"engine": 1 / n, "corel": 1.0, "2pc": 2.0}
     xs = range(len(g))
@@ -451,9 +458,17 @@ def plot(ctx) -> None:
     axes[0].scatter(xs, [want[a] for a in g.index], color="k", marker="_", s=400,
                     label="paper (1/n, 1, 2)", zorder=3)
     axes[0].set(ylabel="forced writes / action / replica", title="Forced disk writes")
-    axes[1].bar(xs, g["packets_per_action"], color=[COLOR[a] for a in g.index])
+    colors = [COLOR[a] for a in g.index]
+    axes[1].bar(xs, g["multicasts_per_action"], color=colors, hatch="//", edgecolor="k",
+                label="multicasts")
+    axes[1].bar(xs, g["unicasts_per_action"], bottom=g["multicasts_per_action"], color=colors,
+                alpha=0.5, label="unicasts")
+    paper_pk = {"engine": 1, "corel": n, "2pc": 2 * n}
+    axes[1].scatter(xs, [paper_pk[a] for a in g.index], color="k", marker="_", s=400,
+                    label=f"paper (1, n, 2n; n = {n})", zorder=3)
     axes[1].set(ylabel="packets sent / action (all replicas)",
                 title="Packets (paper: 1 multicast, n multicasts, 2n unicasts)")
+    axes[1].legend(fontsize=7)
     for ax in axes:
         ax.set_xticks(list(xs), [LABEL[a] for a in g.index])
         ax.grid(True, axis="y", alpha=0.3)
