@@ -26,7 +26,9 @@ replica's group, broadcasts included (they are matched by source on the way in).
 `iptables-restore --noflush` per namespace replaces the chain's rules whole, so a replica
 never sees half a partition; heal() empties the chains and stop() removes them.
 Clients run inside a replica's namespace and talk to that replica, which the rules never
-cut (the paper's clients ran beside their replica).
+cut (the paper's clients ran beside their replica). A new replica joins (PERSISTENT_JOIN,
+state transfer) with testbed.replication.transfer.join(rs, node, via) and a replica is
+removed with transfer.leave(rs, node).
 """
 
 from __future__ import annotations
