@@ -338,15 +338,14 @@ def claims(ctx) -> None:
               "2PC (paper: 110 vs 63 updates/s)", PAPER_FORCED["corel"], round(c, 1),
               "updates/s (COReL)", c > p,
               f"COReL {c:.1f}, 2PC {p:.1f} updates/s at {n} replicas. Per replica and action "
-              f"both force once here (see forced_writes_2pc), so their disks allow the same "
-              f"rate and COReL's extra multicasts decide; the paper's 2PC forced twice")
+              f"COReL forces once and 2PC twice (see forced_writes_corel / _2pc), so each "
+              f"2PC disk allows about half COReL's rate")
     want = {"engine": 1 / n, "corel": 1.0, "2pc": 2.0}
     note = {"engine": "only the replica that creates an action forces it",
             "corel": "every replica forces every action before acknowledging it",
-            "2pc": "this upper-bound 2PC forces the participants' PREPARE and the "
-                   "coordinator's decision (two forced writes on an action's critical path, "
-                   "n in all: 1 per replica); the paper's 2 per replica (and its 63 against "
-                   "COReL's 110 updates/s) fit participants that force their COMMIT too"}
+            "2pc": "a participant forces its PREPARE and its COMMIT record, the "
+                   "coordinator its decision: 2n - 1 in all (two on an action's critical "
+                   "path)"}
     for a in ALGOS:
         g = df[(df["algo"] == a) & (df["replicas"] == n) & df["forced_per_action"].notna()]
         if g.empty:
