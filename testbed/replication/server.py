@@ -66,11 +66,10 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import selectors
 import socket
 import sys
 import time
-from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file,
+from testbed.daemon import (ArgParser, Loop, Stream, UsageError, read_key, ready_file,
                             remove_quietly, run_main, write_json_atomic)
 from testbed.replication import protocol
 from testbed.replication.disk import Disk, DiskError
@@ -213,34 +212,20 @@ def _check_join_keys(cfg: dict, peers: dict) -> None:
 # client connections ---------------------------------------------------------------------
 
 class Connection:
-    """One client's TCP connection: frames in, replies out (buffered when the socket is
-    full)."""
+    """One client's TCP connection: frames in, replies out (testbed.daemon.Stream queues
+    what the socket does not take at once)."""
 
     def __init__(self, server: "Server", sock: socket.socket):
-        self.server, self.sock = server, sock
+        self.server = server
         self.decoder = protocol.Decoder()
-        self.out = bytearray()
-        self.open = True
-        sock.setblocking(False)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        server.loop.add(sock, self._ready)
+        self.stream = Stream(server.loop, sock, self._data, self._closed)
 
-    def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self._flush()
-        if mask & selectors.EVENT_READ and self.open:
-            self._read()
+    @property
+    def open(self) -> bool:
+        return self.stream.open
 
-    def _read(self) -> None:
-        try:
-            data = self.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.close()
-            return
+    def _data(self, data: bytes) -> None:
         try:
             msgs, _ = self.decoder.feed(data)
         except protocol.ProtocolError as e:
@@ -261,34 +246,16 @@ class Connection:
         s["replies"] += 1
         if not rep.ok:
             s["errors"] += 1
-        if not self.open:
+        if not self.stream.open:
             s["dropped_replies"] += 1
             return
-        self.out += protocol.encode_reply(rep)
-        self._flush()
-
-    def _flush(self) -> None:
-        while self.out:
-            try:
-                k = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.close()
-                return
-            del self.out[:k]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
-        try:
-            self.server.loop.modify(self.sock, self._ready, events)
-        except (KeyError, ValueError):
-            pass
+        self.stream.send(protocol.encode_reply(rep))
 
     def close(self) -> None:
-        if self.open:
-            self.open = False
-            self.server.loop.remove(self.sock)
-            self.sock.close()
-            self.server.conns.discard(self)
+        self.stream.close()
+
+    def _closed(self) -> None:
+        self.server.conns.discard(self)
 
 
 # the server -----------------------------------------------------------------------------

@@ -54,6 +54,7 @@ import struct
 import time
 from typing import Callable, Optional
 
+from testbed.daemon import Stream
 from testbed.sealed import TAG_LEN, tag
 
 HELLO, WAIT, META, CHUNK, END, REFUSE = range(1, 7)
@@ -123,62 +124,6 @@ class Reader:
         return out
 
 
-class _Stream:
-    """A non-blocking TCP socket on the loop: queued writes, reads to on_data."""
-
-    def __init__(self, loop, sock, on_data: Callable, on_close: Callable,
-                 on_drain: Optional[Callable] = None):
-        self.loop, self.sock, self.on_data, self.on_close = loop, sock, on_data, on_close
-        self.on_drain = on_drain            # called when a write event emptied the queue
-        self.out = bytearray()
-        self.open = True
-        sock.setblocking(False)
-        loop.add(sock, self._ready)
-
-    def _ready(self, mask: int) -> None:
-        if mask & selectors.EVENT_WRITE:
-            self.flush()
-            if self.open and not self.out and self.on_drain is not None:
-                self.on_drain()
-        if mask & selectors.EVENT_READ and self.open:
-            try:
-                data = self.sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.close()
-                return
-            self.on_data(data)
-
-    def send(self, data: bytes) -> None:
-        if self.open:
-            self.out += data
-            self.flush()
-
-    def flush(self) -> None:
-        while self.out and self.open:
-            try:
-                k = self.sock.send(self.out)
-            except (BlockingIOError, InterruptedError):
-                break
-            except OSError:
-                self.close()
-                return
-            del self.out[:k]
-        if self.open:
-            ev = selectors.EVENT_READ | (selectors.EVENT_WRITE if self.out else 0)
-            self.loop.modify(self.sock, self._ready, ev)
-
-    def close(self) -> None:
-        if self.open:
-            self.open = False
-            self.loop.remove(self.sock)
-            self.sock.close()
-            self.on_close()
-
-
 # member side ------------------------------------------------------------------------------
 
 class _Serve:
@@ -192,7 +137,7 @@ class _Serve:
         self.blob, self.pos, self.seq = None, 0, 0
         self.done = False
         self.last_wait = 0.0
-        self.stream = _Stream(svc.loop, sock, self._data, self._closed,
+        self.stream = Stream(svc.loop, sock, self._data, self._closed,
                               on_drain=None if svc.pace > 0 else
                               lambda: self.tick(time.monotonic()))
 
@@ -370,7 +315,7 @@ class Joiner:
             return
         nonce = os.urandom(16)
         self.reader = Reader(self.key, nonce)
-        self.stream = _Stream(self.loop, sock, self._data, self._lost)
+        self.stream = Stream(self.loop, sock, self._data, self._lost)
         self.phase = "hello"
         self.last_rx = time.monotonic()
         self.stream.send(hello(self.key, nonce, self.me, len(self.data), self.digest))

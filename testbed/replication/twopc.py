@@ -19,9 +19,10 @@ paper counts ("2PC requires two forced disk writes ... per action") and what its
 updates/s against COReL's 110 imply (an earlier version forced only PREPARE and the
 decision, one write per replica per action, and reached COReL's rate: 105-110 updates/s at
 14 replicas). 3(n-1) unicasts: n-1 PREPARE, n-1 YES, n-1 COMMIT (the paper counts 2n;
-`status()["sent"]` counts the real ones, retransmissions included). COMMIT is not acknowledged (upper bound): a participant that misses it keeps the
-action prepared (`in_doubt` in the status). A participant silent for `give_up_s` aborts the
-action: ABORT to every participant, and the client gets an error (never a silent loss).
+`status()["sent"]` counts the real ones, retransmissions included). COMMIT is not
+acknowledged (upper bound): a participant that misses it keeps the action prepared
+(`in_doubt` in the status). A participant silent for `give_up_s` aborts the action: ABORT
+to every participant, and the client gets an error (never a silent loss).
 Without locks the replicas' orders may differ under concurrent coordinators: each
 replica's `ordinal` and `hash` are its own order of commits (the baseline measures the cost
 of the commit protocol, as the paper's did).

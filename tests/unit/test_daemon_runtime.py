@@ -72,6 +72,34 @@ def test_recv_exact_reads_across_chunks_and_reports_truncation():
             daemon.recv_exact(b, 4)
 
 
+def test_stream_queues_what_the_socket_does_not_take_and_closes_once():
+    loop = daemon.Loop()
+    a, b = socket.socketpair()
+    got, closed, drained = bytearray(), [], []
+    s = daemon.Stream(loop, a, got.extend, lambda: closed.append(1),
+                      on_drain=lambda: drained.append(1))
+    b.setblocking(False)
+    big = os.urandom(4 << 20)                    # far more than a socket buffer holds
+    s.send(big)
+    assert s.out                                 # the rest waits for write events
+    echoed = bytearray()
+    while len(echoed) < len(big):
+        loop.run_once(0.05)
+        try:
+            echoed += b.recv(1 << 20)
+        except BlockingIOError:
+            pass
+    assert bytes(echoed) == big and not s.out and drained
+    b.sendall(b"hello")
+    poll.wait_until(lambda: (loop.run_once(0.05), bytes(got) == b"hello")[1], 5, "data in")
+    b.close()                                    # EOF: on_close once, the socket closed
+    poll.wait_until(lambda: (loop.run_once(0.05), closed)[1], 5, "on_close")
+    s.close()
+    s.send(b"late")                              # nothing happens on a closed stream
+    assert closed == [1] and not s.open and a.fileno() == -1
+    loop.close()
+
+
 def test_ready_file_is_written_then_removed(tmp_path):
     path = str(tmp_path / "d.ready")
     with daemon.ready_file(path, {"port": 7}):
