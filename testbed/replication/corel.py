@@ -225,6 +225,11 @@ class COReL:
             else:
                 reply(protocol.Reply(req.client_seq, protocol.OK, self.order.ordinal))
             return
+        if ACTION_HEAD.size + len(req.payload) > MAX_PAYLOAD:
+            reply(protocol.error_reply(req.client_seq, f"corel: an action's payload is at "
+                                       f"most {MAX_PAYLOAD - ACTION_HEAD.size} bytes, got "
+                                       f"{len(req.payload)}"))
+            return
         if not self.primary:
             self.counts["refused"] += 1
             reply(protocol.error_reply(req.client_seq, self._not_primary()))

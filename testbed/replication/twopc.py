@@ -177,6 +177,12 @@ class TwoPC:
         if req.kind == protocol.QUERY:  # no locks: answer from the local order
             reply(protocol.Reply(req.client_seq, protocol.OK, self.order.ordinal))
             return
+        room = MAX_DATAGRAM - HEADER.size - PREP_HEAD.size - TAG_LEN
+        if len(req.payload) > room:
+            reply(protocol.error_reply(req.client_seq, f"2pc: an action's payload is at most "
+                                       f"{room} bytes (one PREPARE datagram), got "
+                                       f"{len(req.payload)}"))
+            return
         self.txn += 1
         t = _Txn(self.txn, req, reply, set(self.others), time.monotonic())
         self.pending[t.txn] = t

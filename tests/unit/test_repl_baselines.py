@@ -125,6 +125,9 @@ def test_corel_refuses_outside_a_primary(tmp_path):
     assert not got[0].ok and "not in a primary component" in got[0].reason
     bus.nodes[1].submit(p.Request(7, 2, p.QUERY, p.WEAK, b"k"), got.append)
     assert got[1].ok
+    bus.install((2, 1, 0), (1, 2, 3))
+    bus.nodes[1].submit(p.Request(7, 3, p.UPDATE, p.STRICT, b"x" * 2000), got.append)
+    assert not got[2].ok and "corel: an action's payload is at most" in got[2].reason
     for d in disks.values():
         d.close()
 
@@ -201,6 +204,9 @@ def test_twopc_commits_with_two_forced_writes_and_counts_unicasts(tmp_path):
     # the prepares and the commits: two per action at a participant
     assert reps[2].disk.stats()["forced_writes"] == 6
     assert reps[1].status()["hash"] == reps[2].status()["hash"] == reps[3].status()["hash"]
+    big = p.Request(7, 9, p.UPDATE, p.STRICT, b"x" * 65536)
+    reps[1].submit(big, got.append)          # more than one PREPARE datagram holds
+    assert not got[-1].ok and "2pc: an action's payload is at most" in got[-1].reason
     # a forged datagram and a replayed one are dropped and counted
     now = int(time.time() * 1e6)
     dg = twopc.encode(KEY, twopc.ABORT, 1, 2, reps[1].inc, 10**6, now,
