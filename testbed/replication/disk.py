@@ -234,10 +234,12 @@ class Disk:
             except OSError as e:
                 self.error = f"writing log {self.path}: {e.strerror or e}"
             with self._cv:
+                if done is not None and self.error is None:
+                    # before _busy clears: flush() must find it once the queue looks done
+                    self._completed.append(done)
                 self._busy = False
                 self._cv.notify_all()
             if done is not None and self.error is None:
-                self._completed.append(done)
                 try:
                     self._wake_w.send(b"x")
                 except (BlockingIOError, OSError):
