@@ -161,10 +161,12 @@ def load_config(path: str) -> dict:
             raise UsageError("config: weights must be {id: number}") from None
         if any(i not in out or v <= 0 for i, v in cfg["weights"].items()):
             raise UsageError("config: weights must give peers positive numbers")
-    t = cfg.get("gc_timeouts", {})
-    if not isinstance(t, dict) or any(isinstance(v, bool) or not isinstance(v, (int, float))
-                                      or v <= 0 for v in t.values()):
-        raise UsageError("config: gc_timeouts must be {name: positive seconds}")
+    from testbed.replication.gc import Timeouts
+
+    try:
+        Timeouts.from_dict(cfg.get("gc_timeouts", {}))
+    except ValueError as e:
+        raise UsageError(f"config: gc_timeouts: {e}") from None
     _check_join_keys(cfg, out)
     return cfg
 
@@ -320,7 +322,7 @@ class Server:
         self.node = GroupNode(self.loop, me=me, peers=peers, port=cfg["gc_port"],
                               key=self.key, bind_ip=peers[me],
                               broadcast_ip=cfg["broadcast_ip"], on_event=self._on_event,
-                              timeouts=Timeouts(**cfg.get("gc_timeouts", {})))
+                              timeouts=Timeouts.from_dict(cfg.get("gc_timeouts", {})))
         if cfg["algo"] == "corel":
             from testbed.replication.corel import COReL
             alg = COReL(me, sorted(peers), self.node, self.disk, loop=self.loop)
@@ -476,6 +478,9 @@ def main(argv) -> int:
     except (OSError, DiskError) as e:
         print(f"replication.server: {e}", file=sys.stderr, flush=True)
         return 1
+    except ValueError as e:  # a configuration the algorithm refuses (e.g. id not a server)
+        loop.close()
+        raise UsageError(f"config: {e}") from None
     try:
         with ready_file(cfg.get("ready_file"), {"id": cfg["id"], "algo": cfg["algo"],
                                                 "client_port": cfg["client_port"]}):

@@ -198,7 +198,10 @@ def test_server_join_keys(tmp_path):
                        ({"transfer_port": 8310}, "must differ"),
                        ({"transfer_chunk": 0}, "transfer_chunk"),
                        ({"transfer_pace_ms": -1}, "transfer_pace_ms"),
-                       ({"algo": "corel"}, "engine only")]:
+                       ({"algo": "corel"}, "engine only"),
+                       ({"gc_timeouts": {"hearbeat": 0.1}}, "unknown timeouts"),
+                       ({"gc_timeouts": {"heartbeat": "0.1"}}, "heartbeat must be"),
+                       ({"gc_timeouts": {"window": 1.5}}, "window must be")]:
         with pytest.raises(UsageError, match=msg) as e:
             load_config(base_config(tmp_path, **extra))
         assert "\n" not in str(e.value)
@@ -215,3 +218,22 @@ def test_unpaced_transfer_of_megabytes(loop):
     assert got == [blob] and svc.counts["served"] == 1
     assert time.monotonic() - t0 < 5                    # not paced by the 0.2 s tick
     svc.close()
+
+
+def test_a_server_that_is_not_an_initial_server_and_not_joining_is_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    path = base_config(tmp_path)
+    cfg = json.loads(open(path).read())
+    del cfg["join_via"]                      # not a joiner, and not among servers [1]
+    cfg.update(data_dir=str(tmp_path / "d2"), peers={"1": "127.0.0.1", "4": "127.0.0.4"},
+               broadcast_ip="127.255.255.255", gc_port=free_port(),
+               client_port=free_port("127.0.0.4"))
+    with open(path, "w") as f:
+        json.dump(cfg, f)
+    r = subprocess.run([sys.executable, "-m", "testbed.replication.server", path],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "is not one of the servers" in r.stderr, r.stderr
+

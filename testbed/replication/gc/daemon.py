@@ -63,16 +63,15 @@ def load_config(path: str) -> dict:
         raise UsageError(f"peer ids must be in 1..{MAX_ID}")
     if not 0 < port < 65536:
         raise UsageError(f"port {port} out of range")
-    names = {f.name for f in dataclasses.fields(Timeouts)}
-    extra = set(cfg.get("timeouts", {})) - names
-    if extra:
-        raise UsageError(f"unknown timeouts {sorted(extra)} (known: {sorted(names)})")
+    try:
+        timeouts = Timeouts.from_dict(cfg.get("timeouts", {}))
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     try:
         cfg["key"] = read_key(cfg["key_file"])
     except (OSError, ValueError) as e:
         raise UsageError(f"cannot read key {cfg['key_file']}: {e}") from None
-    cfg.update(id=me, peers=peers, port=port,
-               timeouts=Timeouts(**{k: v for k, v in cfg.get("timeouts", {}).items()}))
+    cfg.update(id=me, peers=peers, port=port, timeouts=timeouts)
     return cfg
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Callable, Optional
 
 from testbed.replication.gc import wire
@@ -45,6 +45,23 @@ class Timeouts:
     consensus_timeout: float = 1.0  # no consensus by then: drop the members that disagree
     commit_timeout: float = 1.0   # COMMIT, recovery or INSTALL missing: gather again
     window: int = 20000           # the sequencer orders at most this far above the safe line
+
+    @classmethod
+    def from_dict(cls, d) -> "Timeouts":
+        """Timeouts from a configuration's {name: value}; ValueError (one line) for an
+        unknown name, or a value that is not a positive number (window: a whole number)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"timeouts must be {{name: seconds}}, got {d!r}")
+        names = [f.name for f in fields(cls)]
+        extra = sorted(set(d) - set(names))
+        if extra:
+            raise ValueError(f"unknown timeouts {extra} (known: {names})")
+        for k, v in d.items():
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or (
+                    k == "window" and not isinstance(v, int)):
+                kind = "a positive whole number" if k == "window" else "positive seconds"
+                raise ValueError(f"timeout {k} must be {kind}, got {v!r}")
+        return cls(**d)
 
 
 class UdpTransport:
