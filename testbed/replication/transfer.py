@@ -282,6 +282,7 @@ class Joiner:
         self.data, self.size, self.digest = bytearray(), None, b""
         self.phase, self.peer, self.index = "connecting", None, -1
         self.stream, self.reader, self.last_rx = None, None, 0.0
+        self.connecting = None                  # the socket while its connect is in progress
         self.sources: list = []                 # [{"peer", "from", "to"}] per META
         self.attempts, self.errors, self.last_error = 0, 0, ""
         self.t0, self.seconds = time.monotonic(), None
@@ -304,10 +305,18 @@ class Joiner:
             sock.close()
             self._failed(f"connect to {self.peer}: {os.strerror(rc)}")
             return
+        self.connecting = sock
         self.loop.add(sock, lambda mask: self._connected(sock), selectors.EVENT_WRITE)
+
+    def _abandon_connect(self) -> None:
+        if self.connecting is not None:
+            self.loop.remove(self.connecting)
+            self.connecting.close()
+            self.connecting = None
 
     def _connected(self, sock) -> None:
         self.loop.remove(sock)
+        self.connecting = None
         rc = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if rc:
             sock.close()
@@ -343,6 +352,9 @@ class Joiner:
             return
         if self.stream is not None and now - self.last_rx > self.timeout:
             self._drop(f"nothing from {self.peer} for {self.timeout:g} s")
+        elif self.connecting is not None and now - self.last_rx > self.timeout:
+            self._abandon_connect()  # SYNs dropped (a partition): try the next member
+            self._failed(f"connect to {self.peer}: no answer in {self.timeout:g} s")
         self.loop.after(self.timeout / 4, self._watch)
 
     def _data(self, data: bytes) -> None:
@@ -403,6 +415,7 @@ class Joiner:
 
     def close(self) -> None:
         self.closed = True
+        self._abandon_connect()
         if self.stream is not None:
             self.stream.on_close = lambda: None
             self.stream.close()

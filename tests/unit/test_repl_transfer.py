@@ -237,3 +237,28 @@ def test_a_server_that_is_not_an_initial_server_and_not_joining_is_one_line(tmp_
     assert r.returncode == 2, r.stderr
     assert r.stderr.count("\n") == 1 and "is not one of the servers" in r.stderr, r.stderr
 
+
+
+def test_a_connect_that_gets_no_answer_moves_to_the_next_member(loop):
+    # a listener whose accept queue is full drops further SYNs, as a partition would
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(0)
+    port = lst.getsockname()[1]
+    fill = []
+    for _ in range(3):
+        c = socket.socket()
+        c.setblocking(False)
+        c.connect_ex(("127.0.0.1", port))
+        fill.append(c)
+    got: list = []
+    j = joiner(loop, ["127.0.0.1", "127.0.0.1"], port, got, timeout=0.3)
+    try:
+        run(loop, lambda: j.attempts >= 3, timeout=5)   # gave up and tried again, twice
+        assert "no answer in 0.3 s" in j.last_error and not got
+    finally:
+        j.close()
+        assert j.connecting is None
+        for c in fill:
+            c.close()
+        lst.close()
