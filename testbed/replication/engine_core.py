@@ -349,4 +349,11 @@ class Core:
         }
 
     def close(self) -> None:
+        """Stop; every client still waiting (an update not yet answered, a consistent query)
+        gets 'replica is shutting down' (the update may still be ordered by the others)."""
         self.closed = True
+        waiting = [w for w in self.waiting.values()] + [w for _, _, w in self.consistent]
+        self.waiting, self.consistent = {}, []
+        for w in waiting:
+            self._reply(w, P.error_reply(w[1], "replica is shutting down (the outcome of an "
+                                               "update is unknown)"))

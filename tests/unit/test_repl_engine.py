@@ -454,3 +454,19 @@ def test_malformed_messages_are_counted_and_dropped():
 def sim_delivery(sender, payload, conf):
     from evs_sim import Delivery
     return Delivery(sender, 2, payload, conf, False)
+
+
+def test_close_answers_every_waiting_client():
+    sim = Sim(3, 10)
+    pump(sim)
+    sim.reconfigure([{1}, {2, 3}])                # 1 alone: not a primary
+    pump(sim)
+    out = []
+    e = sim.engines[1]
+    e.submit(P.Request(5, 1, P.UPDATE, P.STRICT, encode_update(1, b"k", b"v")), out.append)
+    e.submit(P.Request(5, 2, P.QUERY, P.CONSISTENT, b"k"), out.append)
+    pump(sim)
+    assert out == []                              # both wait for a primary
+    e.close()
+    assert sorted(x.client_seq for x in out) == [1, 2]
+    assert all(not x.ok and "shutting down" in x.reason for x in out)
