@@ -83,3 +83,25 @@ def test_replay_guard():
     assert g.check(1, 0, 200, 1, 2000, now) is None           # a new incarnation
     assert g.check(1, 0, 100, 9, 2000, now) == "stale"        # the old one
     assert g.check(2, 0, 1, 1, now + int(60e6), now) == "stale"  # from the future
+
+
+def test_a_daemon_client_that_does_not_read_is_dropped(monkeypatch):
+    import socket
+
+    from testbed.daemon import Loop
+    from testbed.replication.gc import daemon as gcd
+
+    class FakeDaemon:
+        def __init__(self):
+            self.loop, self.clients = Loop(), set()
+
+    monkeypatch.setattr(gcd, "MAX_BACKLOG", 1 << 20)
+    d = FakeDaemon()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    c = gcd.Client(d, mine)
+    d.clients.add(c)
+    for _ in range(40):                         # 40 x 64 KiB, never read by the peer
+        c.send(b"m" * 65536)
+    assert not c.stream.open and c not in d.clients
+    theirs.close()
+    d.loop.close()

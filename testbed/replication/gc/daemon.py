@@ -26,8 +26,8 @@ import os
 import socket
 import sys
 
-from testbed.daemon import (ArgParser, Loop, UsageError, read_key, ready_file, run_main,
-                            write_json_atomic)
+from testbed.daemon import (ArgParser, Loop, Stream, UsageError, read_key, ready_file,
+                            run_main, write_json_atomic)
 from testbed.replication.gc.client import (F_CONF, F_ERROR, F_JOIN, F_JOINED, F_MCAST,
                                            F_MSG, GroupError, conf_frame, frame,
                                            msg_frame, parse_frames)
@@ -75,19 +75,47 @@ def load_config(path: str) -> dict:
     return cfg
 
 
+MAX_BACKLOG = 64 << 20  # a client that lets this much of its deliveries queue is dropped
+
+
 class Client:
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
+    """One client on the UNIX socket: frames in; deliveries out through a Stream, which
+    queues what the socket does not take at once."""
+
+    def __init__(self, daemon: "Daemon", sock: socket.socket):
+        self.daemon = daemon
         self.inbuf = bytearray()
-        self.out = bytearray()
         self.joined = False
+        self.stream = Stream(daemon.loop, sock, self.data, self.closed)
+
+    def data(self, data: bytes) -> None:
+        self.inbuf += data
+        try:
+            frames = parse_frames(self.inbuf)
+        except GroupError as e:
+            self.send(frame(F_ERROR, str(e).encode()))
+            self.stream.close()
+            return
+        for ftype, body in frames:
+            self.daemon.client_frame(self, ftype, body)
+        self.daemon.node.flush()
+
+    def send(self, data: bytes) -> None:
+        self.stream.send(data)
+        if len(self.stream.out) > MAX_BACKLOG:
+            print(f"gc: dropping a client that does not read ({len(self.stream.out)} bytes "
+                  f"queued)", file=sys.stderr, flush=True)
+            self.stream.close()
+
+    def closed(self) -> None:
+        self.daemon.clients.discard(self)
 
 
 class Daemon:
     def __init__(self, cfg: dict):
         self.cfg = cfg
         self.loop = Loop()
-        self.clients: dict = {}
+        self.clients: set = set()
         self.conf_event = None
         self.node = GroupNode(self.loop, cfg["id"], cfg["peers"], cfg["port"], cfg["key"],
                               broadcast_ip=cfg["broadcast"], on_event=self.on_event,
@@ -102,9 +130,9 @@ class Daemon:
             self.write_status()
         else:
             data = msg_frame(ev)
-        for c in list(self.clients.values()):
+        for c in list(self.clients):
             if c.joined:
-                self.push(c, data)
+                c.send(data)
 
     # clients -----------------------------------------------------------------------------
     def accept(self, mask: int) -> None:
@@ -112,79 +140,31 @@ class Daemon:
             sock, _ = self.listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        sock.setblocking(False)
-        self.clients[sock.fileno()] = c = Client(sock)
-        self.loop.add(sock, lambda m, c=c: self.client_io(c, m))
-
-    def client_io(self, c: Client, mask: int) -> None:
-        if mask & 2:  # EVENT_WRITE
-            self.push(c, b"")
-        if not mask & 1:
-            return
-        try:
-            data = c.sock.recv(1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if not data:
-            self.drop_client(c)
-            return
-        c.inbuf += data
-        try:
-            frames = parse_frames(c.inbuf)
-        except GroupError as e:
-            self.push(c, frame(F_ERROR, str(e).encode()))
-            self.drop_client(c)
-            return
-        for ftype, body in frames:
-            self.client_frame(c, ftype, body)
-        self.node.flush()
+        self.clients.add(Client(self, sock))
 
     def client_frame(self, c: Client, ftype: int, body: bytes) -> None:
         if ftype == F_JOIN:
             name = body.decode(errors="replace")
             if name != self.cfg["group"]:
-                self.push(c, frame(F_ERROR, (
+                c.send(frame(F_ERROR, (
                     f"this daemon set serves the one group {self.cfg['group']!r}, "
                     f"not {name!r}").encode()))
                 return
             c.joined = True
-            self.push(c, frame(F_JOINED))
+            c.send(frame(F_JOINED))
             if self.conf_event is not None:
-                self.push(c, conf_frame(self.conf_event))
+                c.send(conf_frame(self.conf_event))
         elif ftype == F_MCAST and c.joined and len(body) >= 1 and body[0] in SERVICES \
                 and len(body) - 1 <= MAX_PAYLOAD:
             self.node.multicast(body[1:], body[0])
         else:
-            self.push(c, frame(F_ERROR, b"bad request (join first; service 1 or 2; "
+            c.send(frame(F_ERROR, b"bad request (join first; service 1 or 2; "
                                         b"payload <= %d bytes)" % MAX_PAYLOAD))
-
-    def push(self, c: Client, data: bytes) -> None:
-        c.out += data
-        try:
-            n = c.sock.send(c.out) if c.out else 0
-            del c.out[:n]
-        except (BlockingIOError, InterruptedError):
-            pass
-        except OSError:
-            self.drop_client(c)
-            return
-        if c.sock.fileno() in self.clients:
-            self.loop.modify(c.sock, lambda m, c=c: self.client_io(c, m),
-                             3 if c.out else 1)
-
-    def drop_client(self, c: Client) -> None:
-        fd = c.sock.fileno()
-        if fd in self.clients:
-            del self.clients[fd]
-            self.loop.remove(c.sock)
-            c.sock.close()
 
     # status ------------------------------------------------------------------------------
     def write_status(self) -> None:
         st = self.node.status()
-        st["clients"] = sum(1 for c in self.clients.values() if c.joined)
+        st["clients"] = sum(1 for c in self.clients if c.joined)
         st["group"] = self.cfg["group"]
         st["timeouts"] = dataclasses.asdict(self.cfg["timeouts"])
         write_json_atomic(self.cfg["status"], st)
