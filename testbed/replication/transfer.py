@@ -65,6 +65,7 @@ HELLO_BODY = struct.Struct("!16sHQ32s")
 META_BODY = struct.Struct("!Q32sQ")
 OFFSET = struct.Struct("!Q")
 MAX_FRAME = (1 << 20) + 64
+USER_TIMEOUT_MS = 10_000  # unacknowledged data for this long ends a member's connection
 MAX_CHUNK = 1 << 20
 WAIT_EVERY = 1.0
 OUT_HIGH = 256 * 1024                 # bytes queued on a member's socket before it waits
@@ -241,6 +242,9 @@ class TransferService:
             except OSError:
                 return
             self.counts["connections"] += 1
+            # a joiner that vanishes (a partition) stops acknowledging what we send: the
+            # kernel then ends the connection after this long instead of ~15 minutes
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, USER_TIMEOUT_MS)
             self.conns.add(_Serve(self, sock))
 
     def _tick(self, now: float) -> None:

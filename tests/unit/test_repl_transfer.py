@@ -95,6 +95,8 @@ def test_member_requests_the_join_and_sends_once_green(loop):
     j = joiner(loop, ["127.0.0.1"], port, got)
     run(loop, lambda: j.phase == "waiting")
     assert eng.join_requests == [4]                       # the representative issued it
+    (conn,) = svc.conns                                   # a vanished joiner ends in 10 s
+    assert conn.stream.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10000
     blob = bytes(range(256)) * 40
     eng.blob = blob
     eng.servers.add(4)
