@@ -486,6 +486,9 @@ def main(argv) -> int:
                                                 "client_port": cfg["client_port"]}):
             server.write_status()
             loop.run()
+    except DiskError as e:  # the log cannot be written: the replica stops (a crash)
+        print(f"replication.server: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         server.close()
         loop.close()
