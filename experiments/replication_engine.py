@@ -88,34 +88,15 @@ def _busy(a: list, b: list) -> float:
     return 100.0 * (total - idle) / total if total else 0.0
 
 
-def _latencies(res: dict) -> list:
-    """Per-action latencies (ms) of one load generator's results."""
-    for key in ("latencies_ms", "latency_ms", "latencies"):
-        v = res.get(key)
-        if isinstance(v, list):
-            scale = 1000.0 if key == "latencies" else 1.0
-            return [float(x) * scale for x in v]
-    return []
-
-
-def _count(res: dict, *keys) -> int:
-    for k in keys:
-        if isinstance(res.get(k), (int, float)):
-            return int(res[k])
-    return 0
-
-
 def summarize_load(results: dict, seconds: float) -> dict:
     """Throughput and latency over every load generator of one point."""
     lat: list = []
     done = errors = unavailable = 0
-    for res in results.values():
-        lat += _latencies(res)
-        done += _count(res, "completed", "answered", "actions", "ok")
-        errors += _count(res, "errors")
-        unavailable += _count(res, "unavailable")
-    if not done:
-        done = len(lat)
+    for res in results.values():  # testbed.replication.loadgen's output
+        lat += res["latencies_ms"]
+        done += res["completed"]
+        errors += res["errors"]
+        unavailable += res["unavailable"]
     out = {"actions": done, "throughput": round(done / seconds, 1), "errors": errors,
            "unavailable": unavailable}
     if lat:
